@@ -1,0 +1,100 @@
+"""Model directories: ``model.safetensors`` + ``config.json`` + ``labels.json`` (+ ``metrics.json``).
+
+A model directory is written to a temporary sibling and renamed into place, so a
+reader never sees a half-written one. Loading reads safetensors and JSON only: no
+pickle is ever loaded from a model directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_model, save_model
+
+from sgmft.config import Config, config_from_dict, config_to_dict
+from sgmft.models.sgmft import SGMFTModel, build_model
+
+WEIGHTS, CONFIG, LABELS, METRICS = "model.safetensors", "config.json", "labels.json", "metrics.json"
+
+
+class ModelDirError(ValueError):
+    """A model directory is missing a file or its files disagree."""
+
+
+@dataclass
+class LoadedModel:
+    model: SGMFTModel
+    config: Config
+    labels: list[str]
+    metrics: dict[str, Any]
+    path: Path
+
+    @property
+    def version(self) -> str:
+        return str(self.metrics.get("version") or self.path.name)
+
+
+def write_model_files(directory: Path, model: torch.nn.Module, config: Config, labels: list[str], metrics: dict | None) -> None:
+    """Write the model files into an existing directory (no atomicity; see save_model_dir)."""
+    unwrapped = getattr(model, "module", model)
+    save_model(unwrapped, str(directory / WEIGHTS))
+    (directory / CONFIG).write_text(json.dumps(config_to_dict(config), indent=2, ensure_ascii=False))
+    (directory / LABELS).write_text(json.dumps(list(labels), ensure_ascii=False, indent=2))
+    (directory / METRICS).write_text(json.dumps(metrics or {}, indent=2, ensure_ascii=False))
+
+
+def save_model_dir(path: str | Path, model: torch.nn.Module, config: Config, labels: list[str], metrics: dict | None = None) -> Path:
+    """Atomically (re)place ``path`` with a model directory."""
+    path = Path(path)
+    if len(labels) != config.model.num_labels:
+        raise ModelDirError(f"{len(labels)} labels but model.num_labels={config.model.num_labels}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        write_model_files(staging, model, config, labels, metrics)
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            path.rename(old)
+            staging.rename(path)
+            shutil.rmtree(old)
+        else:
+            staging.rename(path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return path
+
+
+def read_json(path: Path, default: Any = None) -> Any:
+    if not path.is_file():
+        if default is not None:
+            return default
+        raise ModelDirError(f"{path.parent} is not a model directory: {path.name} is missing")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ModelDirError(f"{path}: invalid JSON ({exc})") from exc
+
+
+def load_model_dir(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
+    """Load a model directory for inference (eval mode)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelDirError(f"model directory {path} does not exist")
+    config = config_from_dict(read_json(path / CONFIG))
+    labels = read_json(path / LABELS)
+    if not isinstance(labels, list) or len(labels) != config.model.num_labels:
+        raise ModelDirError(f"{path / LABELS}: expected a list of {config.model.num_labels} labels")
+    if not (path / WEIGHTS).is_file():
+        raise ModelDirError(f"{path} is not a model directory: {WEIGHTS} is missing")
+    model = build_model(config.model, load_pretrained=False)
+    load_model(model, str(path / WEIGHTS), strict=True, device=str(device))
+    model.to(device).eval()
+    return LoadedModel(model=model, config=config, labels=[str(x) for x in labels], metrics=read_json(path / METRICS, {}), path=path)

@@ -1,0 +1,333 @@
+"""One typed configuration schema for train, tune, evaluate and serve.
+
+Configs are dataclasses. YAML files and ``--set section.key=value`` overrides are
+checked against the dataclass types: an unknown key or a value of the wrong type
+raises :class:`ConfigError` naming the dotted key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+BACKBONE_PRESETS = ("tiny", "small", "ViT-B-16", "ViT-L-14", "ViT-L-14-336", "ViT-H-14", "RN50")
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, missing or of the wrong type."""
+
+
+@dataclass
+class BackboneConfig:
+    """Which Chinese-CLIP to use and how much of it trains."""
+
+    preset: str = "tiny"
+    """One of BACKBONE_PRESETS. ``tiny`` and ``small`` are random-init CPU-sized models."""
+    implementation: Literal["cn_clip", "hf"] = "cn_clip"
+    """``cn_clip`` builds the package's own CLIP; ``hf`` uses transformers' ChineseCLIPModel."""
+    checkpoint: str | None = None
+    """Released weights: a cn_clip ``.pt`` file, or a Hugging Face model directory for ``hf``."""
+    download_root: str | None = None
+    """Directory that already holds cn_clip's released files (nothing is downloaded here)."""
+    policy: Literal["frozen", "last_k", "full"] = "full"
+    trainable_last_k: int = 2
+    """With ``policy: last_k``: how many final layers of each tower train."""
+
+
+@dataclass
+class ModelConfig:
+    """SG-MFT head on top of the backbone; the ablation switches of DESIGN.md."""
+
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    d_model: int = 64
+    num_heads: int = 4
+    num_sim_layers: int = 1
+    num_sfm_layers: int = 2
+    ffn_mult: int = 4
+    dropout: float = 0.1
+    classifier_dropout: float = 0.1
+    pooling: Literal["mean", "cls"] = "mean"
+    similarity_norm: Literal["sigmoid", "softmax"] = "sigmoid"
+    coarse_guidance: bool = True
+    """False: the coarse block sums self- and cross-attention without P_m."""
+    fine_guidance: bool = True
+    """False: the text FFN ignores the element-wise similarity (plain FFN)."""
+    use_sim: bool = True
+    fusion: Literal["sfm", "concat"] = "sfm"
+    modalities: Literal["both", "text", "image"] = "both"
+    linear_probe: bool = False
+    """True: a linear classifier on pooled CLIP embeddings, the floor of the ablation table."""
+    num_labels: int = 10
+
+
+@dataclass
+class SynthConfig:
+    """The deterministic synthetic Weibo-like dataset used when ``data.path`` is empty."""
+
+    n: int = 1200
+    seed: int = 0
+    text_noise: float = 0.3
+    """Share of posts whose text carries no location cue."""
+    image_noise: float = 0.3
+    """Share of posts whose image carries no location cue."""
+    image_swap: float = 0.1
+    """Share of posts whose image is drawn from another category."""
+    image_size: int = 64
+
+
+@dataclass
+class DataConfig:
+    path: str = ""
+    """Dataset directory (Parquet shards per split + labels.json). Empty: synthesise one."""
+    context_length: int = 52
+    max_image_pixels: int = 40_000_000
+    """Images with more pixels are refused before decoding (decompression bombs)."""
+    batch_size: int = 32
+    """Per-worker batch size."""
+    preprocess_batch_size: int = 64
+    preprocess_concurrency: int = 2
+    synth: SynthConfig = field(default_factory=SynthConfig)
+
+
+@dataclass
+class TrainConfig:
+    run_name: str = "sgmft"
+    storage_path: str = "runs"
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 0.5
+    """Fractional on small machines so Ray Data keeps CPUs for preprocessing."""
+    epochs: int = 5
+    lr: float = 1e-3
+    backbone_lr: float = 1e-4
+    layer_decay: float = 0.8
+    """Layer-wise learning-rate decay across backbone layers (1.0 = none)."""
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    grad_accum_steps: int = 1
+    max_grad_norm: float = 1.0
+    label_smoothing: float = 0.0
+    class_weights: Literal["none", "balanced"] = "none"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """auto: bf16 autocast on GPU, fp32 on CPU."""
+    seed: int = 0
+    max_failures: int = 2
+    keep_checkpoints: int = 2
+    metric: str = "val_accuracy"
+    metric_mode: Literal["max", "min"] = "max"
+    fail_once_at_step: int | None = None
+    """Testing hook: the rank-0 worker crashes once at this global step."""
+    features_path: str | None = None
+    """Train the head on cached backbone features (frozen backbone) instead of images."""
+
+
+@dataclass
+class TuneConfig:
+    num_samples: int = 8
+    max_concurrent_trials: int | None = None
+    """None: as many as the cluster's resources fit."""
+    searcher: Literal["random", "optuna"] = "random"
+    grace_period: int = 1
+    reduction_factor: int = 2
+    cpus_per_worker: float = 0.25
+    search_space: dict[str, Any] = field(default_factory=dict)
+    """Dotted config keys to a distribution, e.g. ``train.lr: {loguniform: [1e-4, 1e-2]}``."""
+
+
+@dataclass
+class ServeConfig:
+    model_dir: str = ""
+    host: str = "127.0.0.1"
+    port: int = 8000
+    route_prefix: str = "/"
+    max_batch_size: int = 16
+    batch_wait_timeout_s: float = 0.01
+    max_ongoing_requests: int = 32
+    min_replicas: int = 1
+    max_replicas: int = 2
+    initial_replicas: int | None = None
+    target_ongoing_requests: float = 8.0
+    upscale_delay_s: float = 5.0
+    downscale_delay_s: float = 30.0
+    num_gpus_per_replica: float = 0.0
+    num_cpus_per_replica: float = 0.5
+    max_body_bytes: int = 10 * 1024 * 1024
+    max_text_chars: int = 2000
+    """Longer texts are truncated to this many characters (then to context_length tokens)."""
+    max_batch_items: int = 32
+    top_k: int = 3
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it converted where lossless."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {tp}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(choices)}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, key)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in names:
+            where = f"{prefix}.{key}" if prefix else key
+            raise ConfigError(f"{where}: unknown key (known: {', '.join(sorted(names))})")
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def config_from_dict(values: dict[str, Any] | None) -> Config:
+    """Build a checked :class:`Config` from plain data (YAML or JSON)."""
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"the config must be a mapping at the top level, got {type(values).__name__}")
+    config = _build(Config, values)
+    validate(config)
+    return config
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` strings; values are parsed as YAML scalars."""
+    values = json.loads(json.dumps(values))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        dotted, raw = item.split("=", 1)
+        parts = dotted.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override {item!r} has an empty key")
+        node = values
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {dotted}: {part} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    return values
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (or the defaults when ``path`` is None) and apply overrides."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    return config_from_dict(apply_overrides(values, overrides or []))
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False, allow_unicode=True))
+
+
+def validate(config: Config) -> None:
+    """Checks across fields that types alone cannot express."""
+    m, t, s = config.model, config.train, config.serve
+    checks = [
+        (m.backbone.preset in BACKBONE_PRESETS, "model.backbone.preset", f"must be one of {list(BACKBONE_PRESETS)}"),
+        (m.d_model > 0 and m.d_model % m.num_heads == 0, "model.d_model", f"{m.d_model} must be a positive multiple of model.num_heads={m.num_heads}"),
+        (m.num_sim_layers >= 0, "model.num_sim_layers", "must be >= 0"),
+        (m.num_sfm_layers >= 1, "model.num_sfm_layers", "must be >= 1"),
+        (0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)"),
+        (m.num_labels >= 2, "model.num_labels", "must be >= 2"),
+        (m.backbone.trainable_last_k >= 0, "model.backbone.trainable_last_k", "must be >= 0"),
+        (config.data.context_length >= 3, "data.context_length", "must be >= 3 ([CLS] text [SEP])"),
+        (config.data.batch_size >= 1, "data.batch_size", "must be >= 1"),
+        (t.num_workers >= 1, "train.num_workers", "must be >= 1"),
+        (t.epochs >= 1, "train.epochs", "must be >= 1"),
+        (t.grad_accum_steps >= 1, "train.grad_accum_steps", "must be >= 1"),
+        (0.0 <= t.warmup_ratio < 1.0, "train.warmup_ratio", "must be in [0, 1)"),
+        (0.0 < t.layer_decay <= 1.0, "train.layer_decay", "must be in (0, 1]"),
+        (0.0 <= t.label_smoothing < 1.0, "train.label_smoothing", "must be in [0, 1)"),
+        (s.max_ongoing_requests >= s.max_batch_size, "serve.max_ongoing_requests", f"must be >= serve.max_batch_size={s.max_batch_size} or batches never fill"),
+        (1 <= s.min_replicas <= s.max_replicas, "serve.min_replicas", "must satisfy 1 <= min_replicas <= max_replicas"),
+        (s.max_body_bytes > 0, "serve.max_body_bytes", "must be > 0"),
+    ]
+    for ok, key, message in checks:
+        if not ok:
+            raise ConfigError(f"{key}: {message}")
+
+
+# Head widths used with each backbone preset (DESIGN.md: D=512, 8 heads at ViT-B-16).
+HEAD_WIDTH = {"tiny": (64, 4), "small": (256, 4), "ViT-B-16": (512, 8), "ViT-L-14": (768, 12), "ViT-L-14-336": (768, 12), "ViT-H-14": (1024, 16), "RN50": (512, 8)}
+
+
+def model_config_for(preset: str, **overrides: Any) -> ModelConfig:
+    """A ModelConfig with the head width that goes with a backbone preset."""
+    if preset not in HEAD_WIDTH:
+        raise ConfigError(f"model.backbone.preset: {preset!r} is not one of {list(BACKBONE_PRESETS)}")
+    d_model, heads = HEAD_WIDTH[preset]
+    values = {"d_model": d_model, "num_heads": heads, **overrides}
+    return ModelConfig(backbone=BackboneConfig(preset=preset), **values)
