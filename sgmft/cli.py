@@ -50,7 +50,7 @@ def _registrars() -> list[Callable[[argparse._SubParsersAction], None]]:
     import importlib
 
     found = []
-    for module in ("sgmft.data.cli", "sgmft.commands"):
+    for module in ("sgmft.data.cli", "sgmft.commands", "serve_app.cli"):
         try:
             found.append(importlib.import_module(module).register)
         except ModuleNotFoundError as exc:

@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
 
-# Local Ray stays on 127.0.0.1, reports nothing, and needs no token (DESIGN.md).
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+from sgmft.local_ray import HeadNode, quiet_data, set_local_env
+
+set_local_env()
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO.parent / "shared" / "corpus"
@@ -29,33 +25,35 @@ def corpus() -> Path:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
-    """A real local Ray cluster for the whole session, torn down at the end.
+def ray_head():
+    """The session's one Ray cluster: ``ray start --head`` with a dashboard, on 127.0.0.1.
 
     Four logical CPUs on a 2-core machine: train workers take fractions, Ray Data and
     Serve take the rest; oversubscription only time-slices, it never deadlocks.
     """
+    head = HeadNode(num_cpus=4).start()
+    yield head
     import ray
 
-    # Unix socket paths must stay short, so the temp dir lives directly under /tmp.
-    temp_dir = tempfile.mkdtemp(prefix="sgmft-ray-", dir="/tmp")
-    ray.init(
-        num_cpus=4,
-        include_dashboard=False,
-        _temp_dir=temp_dir,
-        runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}},
-        logging_level="WARNING",
-        log_to_driver=False,
-    )
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
-    yield ray
-    try:
-        from ray import serve
+    if ray.is_initialized():
+        try:
+            from ray import serve
 
-        serve.shutdown()
-    except Exception:
-        pass
-    ray.shutdown()
-    shutil.rmtree(temp_dir, ignore_errors=True)
+            serve.shutdown()
+        except Exception:
+            pass
+        ray.shutdown()
+    head.stop()
+    shutil.rmtree(head.temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(ray_head):
+    """This test process connected as a driver to the session's cluster."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=ray_head.address, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}},
+                 logging_level="WARNING", log_to_driver=False)
+        quiet_data()
+    return ray

@@ -105,6 +105,8 @@ class ClipBackbone(nn.Module):
     image_size: int
     _layer_patterns: tuple[tuple[re.Pattern, str], ...] = ()
     _tower_depth: dict[str, int]
+    _pooled_parts: tuple[str, ...] = ()  # the CLIP projections to the joint space, and its logit scale
+    _text_parts: tuple[str, ...] = ()
 
     def forward(self, input_ids: torch.Tensor | None, pixel_values: torch.Tensor | None) -> BackboneOutput:
         out = BackboneOutput()
@@ -124,7 +126,7 @@ class ClipBackbone(nn.Module):
     def layer_of(self, name: str) -> tuple[int, int]:
         """(layer index, tower depth) of a parameter: 0 = embeddings, depth+1 = final norm/projection."""
         for pattern, tower in self._layer_patterns:
-            match = pattern.match(name)
+            match = pattern.search(name)
             if match:
                 depth = self._tower_depth[tower]
                 if match.groups():
@@ -142,6 +144,14 @@ class ClipBackbone(nn.Module):
             else:
                 layer, depth = self.layer_of(name)
                 param.requires_grad_(last_k > 0 and layer > depth - last_k)
+
+    def freeze_unused(self, text: bool, image: bool, pooled: bool) -> None:
+        """Freeze what a head never reads, so no trainable parameter goes without a gradient (DDP)."""
+        for name, param in self.named_parameters():
+            is_pooled = any(part in name for part in self._pooled_parts)
+            in_text = any(part in name for part in self._text_parts)
+            if (is_pooled and not pooled) or (in_text and not text) or (not in_text and not is_pooled and not image):
+                param.requires_grad_(False)
 
     @property
     def is_frozen(self) -> bool:
@@ -165,11 +175,13 @@ class CnClipBackbone(ClipBackbone):
         self.image_size = arch["image_resolution"]
         vision_depth = 4 if self.is_resnet else arch["vision_layers"]
         self._tower_depth = {"vision": vision_depth, "text": arch["text_num_hidden_layers"]}
+        self._pooled_parts = ("text_projection", "visual.proj", "visual.attnpool", "logit_scale")
+        self._text_parts = ("bert.", "text_projection")
         vision_block = r"visual\.layer(\d)\." if self.is_resnet else r"visual\.transformer\.resblocks\.(\d+)\."
         self._layer_patterns = (
             (re.compile(vision_block), "vision"),
             (re.compile(r"bert\.encoder\.layer\.(\d+)\."), "text"),
-            (re.compile(r"visual\.(conv|bn|class_embedding|positional_embedding|ln_pre)"), "vision"),
+            (re.compile(r"visual\.(?:conv|bn|class_embedding|positional_embedding|ln_pre)"), "vision"),
             (re.compile(r"bert\.embeddings\."), "text"),
         )
 
@@ -281,10 +293,12 @@ class HFChineseClipBackbone(ClipBackbone):
         self.image_width = cfg.vision_config.hidden_size
         self.image_size = cfg.vision_config.image_size
         self._tower_depth = {"vision": cfg.vision_config.num_hidden_layers, "text": cfg.text_config.num_hidden_layers}
+        self._pooled_parts = ("text_projection", "visual_projection", "logit_scale")
+        self._text_parts = ("text_model.", "text_projection")
         self._layer_patterns = (
             (re.compile(r"hf\.vision_model\.encoder\.layers\.(\d+)\."), "vision"),
             (re.compile(r"hf\.text_model\.encoder\.layer\.(\d+)\."), "text"),
-            (re.compile(r"hf\.vision_model\.(embeddings|pre_layrnorm)"), "vision"),
+            (re.compile(r"hf\.vision_model\.(?:embeddings|pre_layrnorm)"), "vision"),
             (re.compile(r"hf\.text_model\.embeddings\."), "text"),
         )
 

@@ -306,6 +306,11 @@ class SGMFTModel(nn.Module):
                 return self.backbone(ids, pixels)
         return self.backbone(ids, pixels)
 
+    def set_backbone_policy(self, policy: str, last_k: int = 0) -> None:
+        """Apply a backbone policy; a linear probe always runs on a frozen backbone."""
+        self.backbone.apply_policy("frozen" if self.cfg.linear_probe else policy, last_k)
+        self.backbone.freeze_unused(text=uses_text(self.cfg), image=uses_image(self.cfg), pooled=self.cfg.linear_probe)
+
     def train(self, mode: bool = True):
         super().train(mode)
         if self.backbone.is_frozen:
@@ -315,7 +320,6 @@ class SGMFTModel(nn.Module):
 
 def build_model(cfg: ModelConfig, load_pretrained: bool = True) -> SGMFTModel:
     """The full model for ``cfg``. A linear probe always runs on a frozen backbone."""
-    backbone = build_backbone(cfg.backbone, load_pretrained=load_pretrained)
-    if cfg.linear_probe:
-        backbone.apply_policy("frozen", 0)
-    return SGMFTModel(cfg, backbone)
+    model = SGMFTModel(cfg, build_backbone(cfg.backbone, load_pretrained=load_pretrained))
+    model.set_backbone_policy(cfg.backbone.policy, cfg.backbone.trainable_last_k)
+    return model

@@ -1,0 +1,68 @@
+import pytest
+
+from sgmft.cli import main
+from sgmft.config import ConfigError, Config, apply_overrides, config_from_dict, load_config, save_config
+
+
+def test_defaults_round_trip_through_yaml(tmp_path):
+    path = tmp_path / "c.yaml"
+    cfg = load_config(None, ["train.lr=3e-4", "model.backbone.policy=frozen", "data.path=/x"])
+    save_config(cfg, path)
+    again = load_config(path)
+    assert again == cfg
+    assert again.train.lr == pytest.approx(3e-4)
+    assert again.model.backbone.policy == "frozen"
+
+
+@pytest.mark.parametrize(
+    "values, key",
+    [
+        ({"train": {"lrr": 1}}, "train.lrr"),
+        ({"model": {"backbone": {"policy": "half"}}}, "model.backbone.policy"),
+        ({"train": {"epochs": "five"}}, "train.epochs"),
+        ({"train": {"epochs": 2.5}}, "train.epochs"),
+        ({"model": {"coarse_guidance": "yes"}}, "model.coarse_guidance"),
+        ({"serve": {"max_batch_size": 64, "max_ongoing_requests": 8}}, "serve.max_ongoing_requests"),
+        ({"model": {"d_model": 66, "num_heads": 4}}, "model.d_model"),
+        ({"nonsense": {}}, "nonsense"),
+    ],
+)
+def test_bad_values_name_the_key(values, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        config_from_dict(values)
+
+
+def test_int_is_accepted_where_float_is_expected():
+    assert config_from_dict({"train": {"lr": 1}}).train.lr == 1.0
+
+
+def test_overrides_parse_yaml_scalars_and_optional():
+    values = apply_overrides({}, ["train.fail_once_at_step=3", "train.fail_once_at_step=null", "tune.search_space={a: 1}"])
+    cfg = config_from_dict(values)
+    assert cfg.train.fail_once_at_step is None
+    assert cfg.tune.search_space == {"a": 1}
+    with pytest.raises(ConfigError, match="key=value"):
+        apply_overrides({}, ["train.lr"])
+
+
+def test_missing_and_invalid_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_cli_reports_config_errors(capsys):
+    assert main(["model", "summary", "--preset", "nope"]) == 2
+    assert "nope" in capsys.readouterr().err
+
+
+def test_shipped_job_configs_load():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).resolve().parents[1] / "jobs" / "configs").glob("*.yaml"))
+    assert configs, "jobs/configs has no YAML configs"
+    for path in configs:
+        assert isinstance(load_config(path), Config), path
