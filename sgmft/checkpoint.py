@@ -22,6 +22,7 @@ from sgmft.config import Config, config_from_dict, config_to_dict
 from sgmft.models.sgmft import SGMFTModel, build_model
 
 WEIGHTS, CONFIG, LABELS, METRICS = "model.safetensors", "config.json", "labels.json", "metrics.json"
+TRAIN_FILES = (WEIGHTS, CONFIG, LABELS, METRICS)
 
 
 class ModelDirError(ValueError):

@@ -295,8 +295,10 @@ class SGMFTModel(nn.Module):
         self.backbone = backbone
         self.head = SGMFTHead(cfg, backbone.text_width, backbone.image_width, backbone.embed_dim)
 
-    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> SGMFTOutput:
-        return self.head(self.features(input_ids, pixel_values))
+    def forward(self, input_ids: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
+                features: BackboneOutput | None = None) -> SGMFTOutput:
+        """From token ids and pixels, or from cached backbone ``features`` (frozen backbone)."""
+        return self.head(features if features is not None else self.features(input_ids, pixel_values))
 
     def features(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> BackboneOutput:
         ids = input_ids if uses_text(self.cfg) else None

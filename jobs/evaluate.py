@@ -1,0 +1,6 @@
+"""`ray job submit --working-dir . -- python -m jobs.evaluate --config jobs/configs/....yaml [--set k=v]`."""
+
+from jobs import run
+
+if __name__ == "__main__":
+    run("evaluate")

@@ -1,0 +1,111 @@
+"""Backbone features computed once with Ray Data and stored as Parquet.
+
+With a frozen backbone every epoch of every trial would re-run the same ViT on the
+same images; caching its token-level outputs lets training and tuning run the head
+alone. The cache records the backbone config it came from, so it is never used with
+another backbone by mistake.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sgmft.config import BackboneConfig, Config
+from sgmft.models.backbone import build_backbone
+
+MANIFEST = "features.json"
+SPLITS = ("train", "val", "test")
+
+
+class FeatureCacheError(ValueError):
+    """The feature cache is missing or was made with another backbone."""
+
+
+class FeatureExtractor:
+    """Ray Data actor: the frozen backbone, run on preprocessed batches."""
+
+    def __init__(self, backbone: dict[str, Any], device: str | None = None):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.backbone = build_backbone(BackboneConfig(**backbone)).to(self.device).eval()
+
+    @torch.inference_mode()
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ids = torch.as_tensor(batch["input_ids"], device=self.device)
+        pixels = torch.as_tensor(batch["pixel_values"], device=self.device)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            out = self.backbone(ids, pixels)
+        half = lambda t: t.float().cpu().numpy().astype(np.float16)  # noqa: E731  halves the cache size
+        return {
+            "post_id": batch["post_id"], "label": batch["label"],
+            "text_tokens": half(out.text_tokens), "text_mask": out.text_mask.cpu().numpy(),
+            "image_tokens": half(out.image_tokens), "text_embeds": half(out.text_embeds), "image_embeds": half(out.image_embeds),
+        }
+
+
+def cache_features(cfg: Config, dataset_dir: str | Path, out_dir: str | Path, *, concurrency: int = 1,
+                   batch_size: int = 64, num_gpus: float = 0.0, overwrite: bool = False) -> dict[str, Any]:
+    """Compute backbone features for every split of ``dataset_dir`` into ``out_dir``."""
+    from sgmft.data.preprocess import PreprocessSpec
+    from sgmft.data.schema import available_splits, load_labels
+    from sgmft.ray_data import read_split, preprocessed
+
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        if not overwrite:
+            raise FileExistsError(f"feature cache {out_dir} exists; pass overwrite to rebuild it")
+        shutil.rmtree(out_dir)
+    labels = load_labels(dataset_dir)
+    spec = PreprocessSpec.from_config(cfg)
+    counts = {}
+    for split in available_splits(dataset_dir):
+        rows = preprocessed(read_split(dataset_dir, split), spec, None, batch_size=batch_size)
+        features = rows.map_batches(FeatureExtractor, fn_constructor_kwargs={"backbone": asdict(cfg.model.backbone)},
+                                    batch_size=batch_size, batch_format="numpy", concurrency=concurrency, num_gpus=num_gpus)
+        features.write_parquet(str(out_dir / split))
+        counts[split] = features.count()
+    (out_dir / "labels.json").write_text(json.dumps(labels, ensure_ascii=False))
+    manifest = {"backbone": asdict(cfg.model.backbone), "image_size": spec.image_size,
+                "context_length": spec.context_length, "rows": counts, "source": str(Path(dataset_dir).resolve())}
+    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+def check_cache(features_dir: str | Path, cfg: Config) -> dict[str, Any]:
+    """The cache's manifest, after checking it matches the configured backbone and preprocessing."""
+    path = Path(features_dir) / MANIFEST
+    if not path.is_file():
+        raise FeatureCacheError(f"{features_dir} is not a feature cache ({MANIFEST} is missing); build it with `sgmft features cache`")
+    manifest = json.loads(path.read_text())
+    wanted = asdict(cfg.model.backbone)
+    for key in ("preset", "implementation", "checkpoint", "download_root"):
+        if manifest["backbone"].get(key) != wanted[key]:
+            raise FeatureCacheError(f"feature cache {features_dir} was made with model.backbone.{key}="
+                                    f"{manifest['backbone'].get(key)!r}, the config has {wanted[key]!r}")
+    if cfg.model.backbone.policy != "frozen":
+        raise FeatureCacheError("training on cached features needs model.backbone.policy: frozen")
+    return manifest
+
+
+def _encode_labels(batch: dict[str, np.ndarray], labels: list[str]) -> dict[str, np.ndarray]:
+    from sgmft.data.preprocess import encode_labels
+
+    batch["label_id"] = encode_labels(batch.pop("label"), labels)
+    del batch["post_id"]
+    return batch
+
+
+def feature_split(features_dir: str | Path, split: str, labels: list[str]):
+    """A Ray dataset of cached features with integer labels, ready for iter_torch_batches."""
+    import ray
+
+    files = sorted(str(p) for p in (Path(features_dir) / split).glob("*.parquet"))
+    if not files:
+        raise FeatureCacheError(f"feature cache {features_dir} has no {split} split")
+    return ray.data.read_parquet(files).map_batches(_encode_labels, fn_kwargs={"labels": labels}, batch_format="numpy")
