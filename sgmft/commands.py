@@ -46,6 +46,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
     """Synthetic data -> 2-worker training of the tiny model on local Ray -> test evaluation."""
     from sgmft.train import train
 
+    if not args.config:
+        args.overrides = ["train.run_name=demo", *args.overrides]
     cfg = config_from_args(args)
     print(f"SG-MFT demo: {cfg.data.synth.n} synthetic Weibo-like posts, {cfg.model.backbone.preset} Chinese-CLIP, "
           f"{cfg.train.num_workers} Ray Train workers, {cfg.train.epochs} epochs", flush=True)
@@ -53,7 +55,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     outcome = train(cfg)
     _print_outcome(outcome, cfg.model.num_labels)
     print(f"\nnext: sgmft serve --model {outcome.model_dir}   |   sgmft evaluate --model {outcome.model_dir} "
-          f"--data {Path(outcome.model_dir).parent / 'data'}")
+          f"--data {outcome.dataset_dir}")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:

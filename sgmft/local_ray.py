@@ -52,7 +52,11 @@ def quiet_data() -> None:
 
 
 def connect(num_cpus: int | None = None, quiet: bool = True) -> None:
-    """Join RAY_ADDRESS's cluster, or start a local one on this machine."""
+    """Join RAY_ADDRESS's cluster, or start a local one on this machine.
+
+    Worker output (the per-epoch progress lines) always reaches the driver; ``quiet``
+    only turns Ray Data's progress bars off.
+    """
     import ray
 
     set_local_env()
@@ -61,10 +65,10 @@ def connect(num_cpus: int | None = None, quiet: bool = True) -> None:
     repo = str(Path(__file__).resolve().parents[1])
     runtime_env = {"env_vars": {**LOCAL_ENV, "PYTHONPATH": repo}}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=not quiet, logging_level="WARNING")
+        ray.init(address=os.environ["RAY_ADDRESS"], logging_level="WARNING")
     else:
         ray.init(num_cpus=num_cpus, include_dashboard=False, _temp_dir=short_temp_dir(), runtime_env=runtime_env,
-                 log_to_driver=not quiet, logging_level="WARNING")
+                 logging_level="WARNING")
     if quiet:
         quiet_data()
 

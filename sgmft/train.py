@@ -37,6 +37,7 @@ class TrainOutcome:
     best: dict[str, Any]
     history: list[dict[str, Any]]
     run_path: str
+    dataset_dir: Path | None = None
     test: dict[str, Any] | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -342,7 +343,7 @@ def train(cfg: Config, evaluate_test: bool = True) -> TrainOutcome:
     trained = time.monotonic()
     model_dir, best, history = export_best(result, cfg, Path(loop["run_dir"]) / "model")
     outcome = TrainOutcome(model_dir=model_dir, best=best, history=history, run_path=str(result.path),
-                           timings={"train_s": trained - started})
+                           dataset_dir=Path(loop["dataset_dir"]), timings={"train_s": trained - started})
     if evaluate_test and not cfg.train.features_path:
         from sgmft.evaluate import evaluate
 

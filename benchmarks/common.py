@@ -1,0 +1,56 @@
+"""Shared plumbing for the benchmarks: machine facts, result files, a local Ray."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> dict[str, Any]:
+    import numpy
+    import ray
+    import torch
+
+    return {
+        "cpu_count": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__, "numpy": numpy.__version__,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+
+
+def save(name: str, result: dict[str, Any]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps({"machine": machine(), **result}, indent=2, ensure_ascii=False))
+    return path
+
+
+@contextmanager
+def local_ray(num_cpus: int | None = None) -> Iterator[None]:
+    """A local Ray for one benchmark, shut down afterwards."""
+    import ray
+
+    from sgmft.local_ray import connect
+
+    connect(num_cpus=num_cpus)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+class Timer:
+    def __enter__(self) -> "Timer":
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.seconds = time.perf_counter() - self.start
