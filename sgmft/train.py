@@ -316,8 +316,9 @@ def export_best(result, cfg: Config, destination: Path) -> tuple[Path, dict, lis
         raise RuntimeError(f"training produced no checkpoint (error: {result.error})")
     sign = 1 if cfg.train.metric_mode == "max" else -1
     best_ckpt, best_metrics = max(candidates, key=lambda cm: (sign * cm[1][cfg.train.metric], cm[1]["epoch"]))
-    latest = max(candidates, key=lambda cm: cm[1]["epoch"])
-    with latest[0].as_directory() as directory:
+    # Ray keeps the latest checkpoint besides the best-k; its state holds the whole epoch history
+    latest = result.checkpoint or max(candidates, key=lambda cm: cm[1]["epoch"])[0]
+    with latest.as_directory() as directory:
         history = json.loads(torch.load(Path(directory) / TRAIN_STATE, weights_only=True)["history"])
     staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=destination.parent))
     with best_ckpt.as_directory() as directory:

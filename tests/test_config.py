@@ -32,8 +32,11 @@ def test_bad_values_name_the_key(values, key):
         config_from_dict(values)
 
 
-def test_int_is_accepted_where_float_is_expected():
+def test_int_and_exponent_strings_are_accepted_where_float_is_expected():
     assert config_from_dict({"train": {"lr": 1}}).train.lr == 1.0
+    assert load_config(None, ["train.lr=3e-4"]).train.lr == pytest.approx(3e-4)
+    with pytest.raises(ConfigError, match="train.lr"):
+        load_config(None, ["train.lr=3e-4x"])
 
 
 def test_overrides_parse_yaml_scalars_and_optional():

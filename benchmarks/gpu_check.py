@@ -1,0 +1,90 @@
+"""One prepared GPU check at ViT-B-16 size on random weights (a few minutes at most).
+
+1. A bf16 training step (forward, backward, AdamW) of the full SG-MFT, last-4-layers policy.
+2. Batched inference throughput of the full SG-MFT forward (backbone + head) in bf16 at
+   batch 256; the goal on one H100 is at least 5,000 posts/s.
+Run: python -m benchmarks.gpu_check   (writes benchmarks/results/gpu_check.json)
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from benchmarks.common import save
+from sgmft.config import TrainConfig, model_config_for
+from sgmft.models.sgmft import build_model
+from sgmft.optim import build_optimizer
+
+
+def _timed(fn, repeats: int) -> float:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / repeats
+
+
+def run(quick: bool = False, compile_model: bool = False) -> dict:
+    if not torch.cuda.is_available():
+        raise SystemExit("gpu_check needs a CUDA GPU; nothing measured")
+    device = torch.device("cuda")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    cfg = model_config_for("ViT-B-16", num_labels=10)
+    cfg.backbone.policy, cfg.backbone.trainable_last_k = "last_k", 4
+    model = build_model(cfg, load_pretrained=False).to(device)
+    result: dict = {"gpu": torch.cuda.get_device_name(0), "preset": "ViT-B-16", "d_model": cfg.d_model}
+
+    batch = 64
+    ids = torch.randint(1000, 20000, (batch, 52), device=device)
+    pixels = torch.randn(batch, 3, 224, 224, device=device)
+    labels = torch.randint(0, 10, (batch,), device=device)
+    optimizer = build_optimizer(model, TrainConfig())
+    model.train()
+
+    def train_step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = torch.nn.functional.cross_entropy(model(ids, pixels).logits.float(), labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        train_step()
+    step_s = _timed(train_step, 5 if quick else 20)
+    result["train_step"] = {"batch": batch, "seconds": step_s, "samples_per_s": batch / step_s,
+                            "max_memory_gib": torch.cuda.max_memory_allocated() / 2**30}
+    del optimizer
+    torch.cuda.empty_cache()
+
+    model.eval()
+    forward = torch.compile(model) if compile_model else model
+    serve_batch = 256
+    ids = torch.randint(1000, 20000, (serve_batch, 52), device=device)
+    pixels = torch.randn(serve_batch, 3, 224, 224, device=device)
+
+    @torch.inference_mode()
+    def infer():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            forward(ids, pixels).logits.float()
+
+    for _ in range(3):
+        infer()
+    infer_s = _timed(infer, 5 if quick else 20)
+    result["inference"] = {"batch": serve_batch, "seconds": infer_s, "posts_per_s": serve_batch / infer_s,
+                           "compiled": compile_model, "goal_posts_per_s_h100": 5000}
+    print(f"{result['gpu']}: bf16 train step {batch / step_s:.0f} samples/s; "
+          f"bf16 inference at batch {serve_batch}: {serve_batch / infer_s:.0f} posts/s")
+    save("gpu_check", result)
+    return result
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="also torch.compile the inference model")
+    args = parser.parse_args()
+    run(args.quick, args.compile)
