@@ -37,7 +37,7 @@ def ablate(cfg: Config, variants: list[str] | None = None, seeds: list[int] | No
 
     from sgmft.evaluate import evaluate_local
     from sgmft.train import export_best, resolve_dataset
-    from sgmft.tune import trial_config, _trial_fn
+    from sgmft.tune import TRIAL_DRIVER_CPU, _trial_fn, trial_config
 
     variants = variants or list(VARIANTS)
     unknown = [v for v in variants if v not in VARIANTS]
@@ -53,7 +53,7 @@ def ablate(cfg: Config, variants: list[str] | None = None, seeds: list[int] | No
     param_space = {"__variant__": ray_tune.grid_search(variants), "train.seed": ray_tune.grid_search(seeds),
                    "__base__": base, "__trials_dir__": str(trials_dir), "__variants__": VARIANTS}
     tuner = ray_tune.Tuner(
-        ray_tune.with_resources(_trial_fn, {"CPU": 0}), param_space=param_space,
+        ray_tune.with_resources(_trial_fn, {"CPU": TRIAL_DRIVER_CPU}), param_space=param_space,
         tune_config=ray_tune.TuneConfig(metric=cfg.train.metric, mode=cfg.train.metric_mode, max_concurrent_trials=_fit(cfg)),
         run_config=ray_tune.RunConfig(name="ablate", storage_path=str(directory), verbose=0),
     )

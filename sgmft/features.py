@@ -31,8 +31,10 @@ class FeatureCacheError(ValueError):
 class FeatureExtractor:
     """Ray Data actor: the frozen backbone, run on preprocessed batches."""
 
-    def __init__(self, backbone: dict[str, Any], device: str | None = None):
+    def __init__(self, backbone: dict[str, Any], seed: int, device: str | None = None):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        # the seed training uses before building its model, so random-init presets get the same weights
+        torch.manual_seed(seed)
         self.backbone = build_backbone(BackboneConfig(**backbone)).to(self.device).eval()
 
     @torch.inference_mode()
@@ -65,13 +67,13 @@ def cache_features(cfg: Config, dataset_dir: str | Path, out_dir: str | Path, *,
     spec = PreprocessSpec.from_config(cfg)
     counts = {}
     for split in available_splits(dataset_dir):
-        rows = preprocessed(read_split(dataset_dir, split), spec, None, batch_size=batch_size)
-        features = rows.map_batches(FeatureExtractor, fn_constructor_kwargs={"backbone": asdict(cfg.model.backbone)},
+        rows = preprocessed(read_split(dataset_dir, split), spec, None, batch_size=batch_size, keep_ids=True)
+        features = rows.map_batches(FeatureExtractor, fn_constructor_kwargs={"backbone": asdict(cfg.model.backbone), "seed": cfg.train.seed},
                                     batch_size=batch_size, batch_format="numpy", concurrency=concurrency, num_gpus=num_gpus)
         features.write_parquet(str(out_dir / split))
         counts[split] = features.count()
     (out_dir / "labels.json").write_text(json.dumps(labels, ensure_ascii=False))
-    manifest = {"backbone": asdict(cfg.model.backbone), "image_size": spec.image_size,
+    manifest = {"backbone": asdict(cfg.model.backbone), "seed": cfg.train.seed, "image_size": spec.image_size,
                 "context_length": spec.context_length, "rows": counts, "source": str(Path(dataset_dir).resolve())}
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return manifest
@@ -88,6 +90,9 @@ def check_cache(features_dir: str | Path, cfg: Config) -> dict[str, Any]:
         if manifest["backbone"].get(key) != wanted[key]:
             raise FeatureCacheError(f"feature cache {features_dir} was made with model.backbone.{key}="
                                     f"{manifest['backbone'].get(key)!r}, the config has {wanted[key]!r}")
+    if manifest.get("seed") != cfg.train.seed and not (wanted["checkpoint"] or wanted["download_root"]):
+        raise FeatureCacheError(f"feature cache {features_dir} holds a random-init backbone made with seed "
+                                f"{manifest.get('seed')}, the config has train.seed={cfg.train.seed}")
     if cfg.model.backbone.policy != "frozen":
         raise FeatureCacheError("training on cached features needs model.backbone.policy: frozen")
     return manifest

@@ -23,6 +23,8 @@ from typing import Any
 from sgmft.config import Config, ConfigError, apply_overrides, config_from_dict, config_to_dict
 
 DISTRIBUTIONS = ("uniform", "loguniform", "choice", "randint", "grid")
+# A trial's driver only waits on its TorchTrainer; Tune needs a non-empty request, so a sliver.
+TRIAL_DRIVER_CPU = 0.01
 
 
 def search_space(space: dict[str, Any]) -> dict[str, Any]:
@@ -117,7 +119,7 @@ def tune(cfg: Config, resume: bool = True) -> TuneOutcome:
     tune_config = ray_tune.TuneConfig(metric=cfg.train.metric, mode=cfg.train.metric_mode, scheduler=scheduler,
                                       search_alg=search_alg, num_samples=cfg.tune.num_samples,
                                       max_concurrent_trials=concurrency(cfg))
-    trainable = ray_tune.with_resources(_trial_fn, {"CPU": 0})  # the trial driver only waits on its trainer
+    trainable = ray_tune.with_resources(_trial_fn, {"CPU": TRIAL_DRIVER_CPU})
     run_config = ray_tune.RunConfig(name="tune", storage_path=str(experiment_dir), verbose=0)
     if resume and ray_tune.Tuner.can_restore(str(experiment_dir / "tune")):
         tuner = ray_tune.Tuner.restore(str(experiment_dir / "tune"), trainable=trainable, resume_errored=True, param_space=param_space)
