@@ -97,6 +97,9 @@ class DataConfig:
     """Per-worker batch size."""
     preprocess_batch_size: int = 64
     preprocess_concurrency: int = 2
+    materialize: Literal["auto", "always", "never"] = "auto"
+    """Keep preprocessed splits in Ray's object store instead of decoding them again every
+    epoch. auto: when the preprocessed split takes under a fifth of the object store."""
     synth: SynthConfig = field(default_factory=SynthConfig)
 
 

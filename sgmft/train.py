@@ -274,6 +274,20 @@ def build_trainer(cfg: Config, datasets: dict, loop: dict, cpus_per_worker: floa
     )
 
 
+def maybe_materialize(ds, estimated_bytes: int, mode: str):
+    """Decode once and keep the result when it fits comfortably in the object store.
+
+    Streaming re-runs the whole read-decode pipeline every epoch; for a split that fits,
+    that repeats work and adds the pipeline's start-up to every epoch's first batch.
+    """
+    import ray
+
+    budget = ray.cluster_resources().get("object_store_memory", 0) / 5
+    if mode == "always" or (mode == "auto" and estimated_bytes < budget):
+        return ds.materialize()
+    return ds
+
+
 def prepare(cfg: Config) -> tuple[dict, dict]:
     """Ray datasets (train, val) and the loop config for ``cfg``."""
     from sgmft.data.preprocess import PreprocessSpec
@@ -292,8 +306,11 @@ def prepare(cfg: Config) -> tuple[dict, dict]:
         labels = load_labels(dataset_dir)
         spec = PreprocessSpec.from_config(cfg)
         datasets = {
-            split: split_dataset(dataset_dir, split, spec, labels, batch_size=cfg.data.preprocess_batch_size,
-                                 concurrency=cfg.data.preprocess_concurrency)
+            split: maybe_materialize(
+                split_dataset(dataset_dir, split, spec, labels, batch_size=cfg.data.preprocess_batch_size,
+                              concurrency=cfg.data.preprocess_concurrency),
+                split_rows(dataset_dir, split) * (12 * spec.image_size ** 2 + 8 * spec.context_length + 8),
+                cfg.data.materialize)
             for split in ("train", "val")
         }
     if cfg.model.num_labels != len(labels):
