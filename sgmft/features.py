@@ -45,18 +45,35 @@ class FeatureExtractor:
             out = self.backbone(ids, pixels)
         half = lambda t: t.float().cpu().numpy().astype(np.float16)  # noqa: E731  halves the cache size
         return {
-            "post_id": batch["post_id"], "label": batch["label"],
+            "post_id": batch["post_id"], "label": batch["label"], "split": batch["split"],
             "text_tokens": half(out.text_tokens), "text_mask": out.text_mask.cpu().numpy(),
             "image_tokens": half(out.image_tokens), "text_embeds": half(out.text_embeds), "image_embeds": half(out.image_embeds),
         }
 
 
+def _split_from_path(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    batch["split"] = np.array([Path(p).parent.name for p in batch.pop("path")], dtype=object)
+    return batch
+
+
+def _preprocess_with_split(batch: dict[str, np.ndarray], spec) -> dict[str, np.ndarray]:
+    from sgmft.data.preprocess import preprocess_batch
+
+    return {**preprocess_batch(batch, spec), "split": batch["split"]}
+
+
+def _split_dir(features_dir: Path, split: str) -> Path:
+    return Path(features_dir) / f"split={split}"
+
+
 def cache_features(cfg: Config, dataset_dir: str | Path, out_dir: str | Path, *, concurrency: int = 1,
                    batch_size: int = 64, num_gpus: float = 0.0, overwrite: bool = False) -> dict[str, Any]:
     """Compute backbone features for every split of ``dataset_dir`` into ``out_dir``."""
+    import pyarrow.parquet as pq
+    import ray
+
     from sgmft.data.preprocess import PreprocessSpec
-    from sgmft.data.schema import available_splits, load_labels
-    from sgmft.ray_data import read_split, preprocessed
+    from sgmft.data.schema import available_splits, load_labels, split_files
 
     out_dir = Path(out_dir)
     if out_dir.exists():
@@ -65,13 +82,17 @@ def cache_features(cfg: Config, dataset_dir: str | Path, out_dir: str | Path, *,
         shutil.rmtree(out_dir)
     labels = load_labels(dataset_dir)
     spec = PreprocessSpec.from_config(cfg)
-    counts = {}
-    for split in available_splits(dataset_dir):
-        rows = preprocessed(read_split(dataset_dir, split), spec, None, batch_size=batch_size, keep_ids=True)
-        features = rows.map_batches(FeatureExtractor, fn_constructor_kwargs={"backbone": asdict(cfg.model.backbone), "seed": cfg.train.seed},
-                                    batch_size=batch_size, batch_format="numpy", concurrency=concurrency, num_gpus=num_gpus)
-        features.write_parquet(str(out_dir / split))
-        counts[split] = features.count()
+    splits = available_splits(dataset_dir)
+    # one pipeline (one actor pool start-up) over every split; the split travels as a column
+    files = [f for split in splits for f in split_files(dataset_dir, split)]
+    posts = ray.data.read_parquet(files, include_paths=True).map_batches(_split_from_path, batch_format="numpy")
+    rows = posts.map_batches(_preprocess_with_split, fn_kwargs={"spec": spec}, batch_size=batch_size, batch_format="numpy")
+    features = rows.map_batches(FeatureExtractor, fn_constructor_kwargs={"backbone": asdict(cfg.model.backbone), "seed": cfg.train.seed},
+                                batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=concurrency),
+                                num_gpus=num_gpus)
+    features.write_parquet(str(out_dir), partition_cols=["split"])
+    counts = {split: sum(pq.ParquetFile(f).metadata.num_rows for f in _split_dir(out_dir, split).glob("*.parquet"))
+              for split in splits}
     (out_dir / "labels.json").write_text(json.dumps(labels, ensure_ascii=False))
     manifest = {"backbone": asdict(cfg.model.backbone), "seed": cfg.train.seed, "image_size": spec.image_size,
                 "context_length": spec.context_length, "rows": counts, "source": str(Path(dataset_dir).resolve())}
@@ -102,7 +123,8 @@ def _encode_labels(batch: dict[str, np.ndarray], labels: list[str]) -> dict[str,
     from sgmft.data.preprocess import encode_labels
 
     batch["label_id"] = encode_labels(batch.pop("label"), labels)
-    del batch["post_id"]
+    batch.pop("post_id")
+    batch.pop("split", None)
     return batch
 
 
@@ -110,7 +132,7 @@ def feature_split(features_dir: str | Path, split: str, labels: list[str]):
     """A Ray dataset of cached features with integer labels, ready for iter_torch_batches."""
     import ray
 
-    files = sorted(str(p) for p in (Path(features_dir) / split).glob("*.parquet"))
+    files = sorted(str(p) for p in _split_dir(features_dir, split).glob("*.parquet"))
     if not files:
         raise FeatureCacheError(f"feature cache {features_dir} has no {split} split")
     return ray.data.read_parquet(files).map_batches(_encode_labels, fn_kwargs={"labels": labels}, batch_format="numpy")

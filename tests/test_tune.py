@@ -79,7 +79,7 @@ def test_cached_features_equal_live_ones_and_train_the_same(ray_cluster, tmp_pat
     assert manifest["rows"] == {"train": 100, "val": 10, "test": 10}
 
     # the cache holds exactly what the live backbone computes for the same posts (fp16 storage)
-    cached = pq.read_table(sorted((tmp_path / "features" / "val").glob("*.parquet"))).to_pylist()
+    cached = pq.read_table(sorted((tmp_path / "features" / "split=val").glob("*.parquet"))).to_pylist()
     posts = {r["post_id"]: r for r in pq.read_table(split_files(dataset, "val")).to_pylist()}
     batch = {k: np.array([posts[r["post_id"]][k] for r in cached], dtype=object) for k in ("text", "image")}
     inputs = preprocess_batch(batch, PreprocessSpec.from_config(cfg))
