@@ -1,0 +1,448 @@
+"""A deterministic synthetic Weibo-like dataset with controllable per-modality noise.
+
+Each post gets a label, then two independent draws decide its modalities:
+- text: with probability ``1 - text_noise`` a Chinese sentence from the label's phrase
+  bank (place words, activities, emoji, hashtags); otherwise neutral chatter: real Weibo
+  posts from the shared corpus (URLs stripped, posts naming any place or activity of any
+  category left out) or built-in sentences when the corpus is absent;
+- image: with probability ``image_noise`` a neutral image (muted colours, random blobs),
+  with ``image_swap`` the image of another category, otherwise the label's own picture
+  (a hue, a shape and a texture per category, learnable by a tiny ViT at 32 px).
+Because the draws are independent, a text-only model cannot fix posts whose text is
+noise and an image-only model cannot fix posts whose image is, so fusion is measurable.
+
+Every random draw comes from a generator seeded by ``(seed, post index, stream)``:
+the same arguments give byte-identical shards, and changing one stream (say the image
+size) leaves the others as they were.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import hashlib
+import io
+import os
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image, ImageDraw
+
+from sgmft.data import schema
+from sgmft.data.labels import DEFAULT_LABELS, check_labels
+from sgmft.data.weibo import BadWeiboRecord, clean_text, parse_weibo_dump
+
+if TYPE_CHECKING:
+    from sgmft.config import SynthConfig
+
+# Random streams per post; fixed numbers so adding a stream never shifts another.
+_LABELS, _TEXT_NOISE, _IMAGE_KIND, _TEXT, _IMAGE, _ENCODING = range(6)
+
+
+# --- text -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TextBank:
+    places: tuple[str, ...]
+    activities: tuple[str, ...]
+    hashtags: tuple[str, ...]
+
+
+TEXT_BANKS: dict[str, TextBank] = {
+    "home": TextBank(("家里", "我家", "卧室", "客厅", "阳台", "厨房", "沙发上", "被窝里"),
+                     ("宅着追剧", "做饭", "大扫除", "睡懒觉", "陪爸妈吃饭", "收拾房间", "撸猫", "窝着看书"),
+                     ("#宅家日常#", "#居家生活#", "#我的小窝#")),
+    "school": TextBank(("学校", "教室", "图书馆", "宿舍", "操场", "食堂", "实验室", "校园"),
+                       ("上自习", "考试", "赶论文", "上课", "复习", "刷题", "开班会", "听讲座"),
+                       ("#校园生活#", "#期末考试#", "#开学季#")),
+    "workplace": TextBank(("公司", "办公室", "工位", "会议室", "写字楼", "单位"),
+                          ("加班", "开会", "写周报", "改方案", "赶项目", "对接客户", "打卡上班"),
+                          ("#打工人#", "#加班日常#", "#职场#")),
+    "restaurant": TextBank(("餐厅", "饭店", "火锅店", "日料店", "小馆子", "茶餐厅", "烧烤店"),
+                           ("吃火锅", "聚餐", "点了一桌菜", "吃大餐", "撸串", "打卡网红菜"),
+                           ("#美食#", "#吃货日常#", "#探店#")),
+    "shopping": TextBank(("商场", "购物中心", "超市", "专柜", "步行街", "奥特莱斯"),
+                         ("逛街", "买买买", "试衣服", "抢折扣", "血拼", "剁手"),
+                         ("#购物#", "#剁手党#", "#逛街#")),
+    "hospital": TextBank(("医院", "门诊", "急诊", "病房", "诊室", "药房"),
+                         ("排队挂号", "看病", "打点滴", "做检查", "复查", "陪护"),
+                         ("#医院#", "#健康#", "#看病#")),
+    "transport": TextBank(("车站", "机场", "高铁站", "火车站", "地铁站", "候机厅", "站台"),
+                          ("等车", "候机", "赶火车", "转机", "排队安检", "等晚点的航班"),
+                          ("#旅途#", "#春运#", "#在路上#")),
+    "scenic": TextBank(("公园", "景区", "山顶", "湖边", "古镇", "海边", "植物园"),
+                       ("爬山", "看日落", "赏花", "拍风景", "散步", "露营"),
+                       ("#旅行#", "#风景#", "#周末去哪儿#")),
+    "gym": TextBank(("健身房", "健身中心", "瑜伽馆", "游泳馆", "动感单车房"),
+                    ("撸铁", "跑步", "练腿", "上私教课", "燃脂", "拉伸"),
+                    ("#健身打卡#", "#自律#", "#运动#")),
+    "entertainment": TextBank(("电影院", "KTV", "影城", "游戏厅", "剧场", "密室"),
+                              ("看电影", "唱K", "看首映", "刷夜", "玩剧本杀", "看演出"),
+                              ("#观影#", "#K歌#", "#周末娱乐#")),
+}
+
+CUE_TEMPLATES = (
+    "{time}在{place}{activity}{emoji}",
+    "人在{place}，{activity}中，{feeling}{emoji}",
+    "{tag}{time}去了{place}，{activity}，{feeling}",
+    "{place}打卡✔ {activity}{emoji}{tag}",
+    "又来{place}了，{activity}{emoji}",
+    "{feeling}！{time}{place}{activity}。{tag}",
+    "{activity}{activity2}，{place}真是{feeling2}{emoji}",
+)
+TIME_WORDS = ("今天", "周末", "下午", "晚上", "早上", "刚刚", "昨天", "难得")
+FEELINGS = ("好开心", "累瘫了", "心情不错", "有点无聊", "太值了", "感动", "哈哈哈哈", "绝了")
+FEELINGS_2 = ("太舒服了", "人好多", "太挤了", "氛围感拉满", "一言难尽", "越来越好了")
+EMOJI = ("😊", "😂", "🙈", "👍", "😭", "✨", "[哈哈]", "[心]", "[doge]", "[微笑]", "[泪]", "")
+
+BUILTIN_CHATTER = (
+    "今天天气真好，心情也跟着好起来了", "有没有人一起聊聊天", "最近好累啊，想好好睡一觉",
+    "这首歌单曲循环了一整天🎵", "求推荐几本好看的书", "晚安，好梦🌙", "又是元气满满的一天！",
+    "生活需要一点仪式感", "转发这条锦鲤，好运连连", "突然好想念小时候的夏天",
+    "有些话说出来就不灵了", "今天也要加油鸭", "谁懂啊，这个表情包太好笑了[笑cry]",
+    "年纪越大越喜欢安静", "愿所有的美好都如期而至", "冷知识：章鱼有三颗心脏",
+    "朋友圈都在晒什么呢", "追的剧终于更新了", "这个月的目标：早睡早起", "下雨天适合发呆",
+    "今天的晚霞好美，可惜没拍下来", "人间值得", "明天会更好的", "手机快没电了，先这样吧",
+    "看到一句话很喜欢：慢慢来，比较快", "有点想吃甜的", "这届网友太有才了哈哈哈",
+    "记录一下今天的小确幸", "新的一周，新的开始", "好久没更新微博了，冒个泡",
+)
+
+
+def cue_words(labels: Sequence[str]) -> list[str]:
+    """Every place, activity and hashtag word that marks a label; noise text holds none."""
+    words = set(labels)
+    for label in labels:
+        bank = _bank(label)
+        words.update(bank.places)
+        words.update(bank.activities)
+        words.update(tag.strip("#") for tag in bank.hashtags)
+    for bank in TEXT_BANKS.values():
+        words.update(bank.places)
+        words.update(bank.activities)
+    return sorted(w for w in words if w)
+
+
+def _bank(label: str) -> TextBank:
+    # Labels without a curated bank still get cue text: their name as the place.
+    return TEXT_BANKS.get(label) or TextBank((label, f"{label}附近"), ("打卡", "待了一下午", "见朋友"), (f"#{label}#",))
+
+
+def default_corpus_dir() -> Path:
+    """The shared Weibo corpus next to the repository (overridable with $SGMFT_CORPUS)."""
+    root = os.environ.get("SGMFT_CORPUS")
+    base = Path(root) if root else Path(__file__).resolve().parents[3] / "shared" / "corpus"
+    return base / "weibo-rumor-2017"
+
+
+def noise_sentences(corpus_dir: Path | None, labels: Sequence[str], max_chars: int = 140) -> tuple[list[str], str]:
+    """Real Weibo posts usable as no-cue chatter, in file order, and where they came from.
+
+    Falls back to built-in sentences when the corpus is absent so the generator works on
+    any machine; the report records which source (and a digest of it) was used.
+    """
+    files = sorted(corpus_dir.glob("*.txt")) if corpus_dir and corpus_dir.is_dir() else []
+    files = [f for f in files if f.name != "readme.txt"]
+    banned = cue_words(labels)
+    sentences: list[str] = []
+    seen: set[str] = set()
+    for path in files:
+        for post in parse_weibo_dump(path):
+            if isinstance(post, BadWeiboRecord):
+                continue
+            text = clean_text(post.text)[:max_chars]
+            if len(text) >= 8 and text not in seen and not any(w in text for w in banned):
+                seen.add(text)
+                sentences.append(text)
+    if not sentences:
+        return list(BUILTIN_CHATTER), "builtin"
+    return sentences, f"{corpus_dir.name} ({', '.join(f.name for f in files)})"
+
+
+def _pick(rng: np.random.Generator, options: Sequence[str]) -> str:
+    return options[int(rng.integers(len(options)))]
+
+
+def cue_text(rng: np.random.Generator, label: str) -> str:
+    """A post that says where it was written."""
+    bank = _bank(label)
+    activity, activity2 = rng.choice(len(bank.activities), size=2, replace=len(bank.activities) < 2)
+    return _pick(rng, CUE_TEMPLATES).format(
+        time=_pick(rng, TIME_WORDS), place=_pick(rng, bank.places),
+        activity=bank.activities[activity], activity2=bank.activities[activity2],
+        feeling=_pick(rng, FEELINGS), feeling2=_pick(rng, FEELINGS_2),
+        emoji=_pick(rng, EMOJI), tag=_pick(rng, bank.hashtags),
+    )
+
+
+def chatter_text(rng: np.random.Generator, sentences: Sequence[str]) -> str:
+    """A post that says nothing about a place: sometimes empty, as image-only posts are."""
+    draw = rng.random()
+    if draw < 0.08:
+        return ""
+    if draw < 0.3:
+        return f"{_pick(rng, TIME_WORDS)}{_pick(rng, FEELINGS)}{_pick(rng, EMOJI)}"
+    return _pick(rng, sentences)
+
+
+# --- images ---------------------------------------------------------------------------
+
+SHAPES = ("disc", "square", "triangle", "cross", "ring", "bars", "diamond", "house", "dumbbell", "frame")
+TEXTURES = ("hstripes", "vstripes", "checker", "dots", "diagonal", "smooth")
+IMAGE_FORMATS = (("JPEG", 0.6), ("PNG", 0.25), ("WEBP", 0.15))
+
+
+@dataclass(frozen=True)
+class ImageStyle:
+    hue: float
+    shape: str
+    texture: str
+
+
+def category_style(index: int, num_labels: int) -> ImageStyle:
+    """Category ``index``'s look: its own hue, shape and texture (cycled past 10 labels)."""
+    return ImageStyle(hue=index / num_labels, shape=SHAPES[index % len(SHAPES)],
+                      texture=TEXTURES[(index * 5) % len(TEXTURES)])
+
+
+def _rgb(h: float, s: float, v: float) -> tuple[int, int, int]:
+    r, g, b = colorsys.hsv_to_rgb(h % 1.0, min(max(s, 0.0), 1.0), min(max(v, 0.0), 1.0))
+    return int(r * 255), int(g * 255), int(b * 255)
+
+
+def _texture(kind: str, height: int, width: int, period: float) -> np.ndarray:
+    """A zero-mean pattern in [-1, 1] over the canvas."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    if kind == "hstripes":
+        return np.sign(np.sin(2 * np.pi * y / period))
+    if kind == "vstripes":
+        return np.sign(np.sin(2 * np.pi * x / period))
+    if kind == "checker":
+        return np.sign(np.sin(np.pi * x / period) * np.sin(np.pi * y / period))
+    if kind == "diagonal":
+        return np.sign(np.sin(2 * np.pi * (x + y) / (period * 1.4)))
+    if kind == "dots":
+        return np.where((np.sin(2 * np.pi * x / period) > 0.6) & (np.sin(2 * np.pi * y / period) > 0.6), 1.0, -0.2)
+    return np.zeros((height, width), np.float32)
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[float, float, float, float], fill: tuple[int, int, int]) -> None:
+    x0, y0, x1, y1 = box
+    w, h = x1 - x0, y1 - y0
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    line = max(1, int(min(w, h) / 5))
+    if shape == "disc":
+        draw.ellipse(box, fill=fill)
+    elif shape == "square":
+        draw.rectangle(box, fill=fill)
+    elif shape == "triangle":
+        draw.polygon([(cx, y0), (x1, y1), (x0, y1)], fill=fill)
+    elif shape == "cross":
+        draw.rectangle((cx - w / 6, y0, cx + w / 6, y1), fill=fill)
+        draw.rectangle((x0, cy - h / 6, x1, cy + h / 6), fill=fill)
+    elif shape == "ring":
+        draw.ellipse(box, outline=fill, width=line)
+    elif shape == "bars":
+        for k in range(3):
+            left = x0 + k * w / 3
+            draw.rectangle((left + w / 18, y0 + (2 - k) * h / 4, left + w / 3 - w / 18, y1), fill=fill)
+    elif shape == "diamond":
+        draw.polygon([(cx, y0), (x1, cy), (cx, y1), (x0, cy)], fill=fill)
+    elif shape == "house":
+        draw.polygon([(cx, y0), (x1, cy), (x0, cy)], fill=fill)
+        draw.rectangle((x0 + w / 6, cy, x1 - w / 6, y1), fill=fill)
+    elif shape == "dumbbell":
+        draw.rectangle((x0, y0 + h / 4, x0 + w / 4, y1 - h / 4), fill=fill)
+        draw.rectangle((x1 - w / 4, y0 + h / 4, x1, y1 - h / 4), fill=fill)
+        draw.rectangle((x0, cy - h / 12, x1, cy + h / 12), fill=fill)
+    elif shape == "frame":
+        draw.rectangle(box, outline=fill, width=line)
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
+
+
+def _canvas(rng: np.random.Generator, size: int) -> tuple[int, int]:
+    # Photos are rarely square; the preprocessing squashes them to S x S as CLIP does.
+    ratio = float(rng.uniform(0.75, 1.33))
+    return (size, max(8, round(size * ratio))) if rng.random() < 0.5 else (max(8, round(size / ratio)), size)
+
+
+def draw_category_image(rng: np.random.Generator, style: ImageStyle, size: int) -> Image.Image:
+    """A picture with the category's hue, textured background and shape, jittered."""
+    width, height = _canvas(rng, size)
+    hue = style.hue + rng.normal(0, 0.015)
+    top = np.array(_rgb(hue, rng.uniform(0.5, 0.8), rng.uniform(0.65, 0.9)), np.float32)
+    bottom = np.array(_rgb(hue + rng.normal(0, 0.02), rng.uniform(0.5, 0.8), rng.uniform(0.45, 0.7)), np.float32)
+    ramp = np.linspace(0, 1, height, dtype=np.float32)[:, None, None]
+    pixels = top * (1 - ramp) + bottom * ramp
+    period = min(width, height) / rng.uniform(5, 8)
+    pixels = pixels + 28 * _texture(style.texture, height, width, period)[..., None]
+    pixels += rng.normal(0, 6, size=pixels.shape)
+    image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
+    scale = rng.uniform(0.4, 0.7) * min(width, height)
+    cx, cy = rng.uniform(scale / 2, width - scale / 2), rng.uniform(scale / 2, height - scale / 2)
+    fill = _rgb(hue + 0.5, rng.uniform(0.1, 0.5), rng.uniform(0.9, 1.0))
+    _draw_shape(ImageDraw.Draw(image), style.shape, (cx - scale / 2, cy - scale / 2, cx + scale / 2, cy + scale / 2), fill)
+    return image
+
+
+def draw_neutral_image(rng: np.random.Generator, size: int) -> Image.Image:
+    """A picture that says nothing about a place: muted noise and a few random blobs."""
+    width, height = _canvas(rng, size)
+    base = np.array(_rgb(rng.random(), rng.uniform(0, 0.2), rng.uniform(0.3, 0.9)), np.float32)
+    noise = rng.normal(0, 1, size=(max(2, height // 8), max(2, width // 8), 3)).astype(np.float32)
+    blurred = np.asarray(Image.fromarray(np.clip(128 + 40 * noise, 0, 255).astype(np.uint8), "RGB")
+                         .resize((width, height), Image.Resampling.BILINEAR), np.float32) - 128
+    image = Image.fromarray(np.clip(base + blurred, 0, 255).astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(image)
+    for _ in range(int(rng.integers(1, 4))):
+        r = rng.uniform(0.05, 0.2) * min(width, height)
+        cx, cy = rng.uniform(0, width), rng.uniform(0, height)
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=_rgb(rng.random(), rng.uniform(0, 0.3), rng.uniform(0.2, 1)))
+    return image
+
+
+def encode_image(rng: np.random.Generator, image: Image.Image) -> tuple[bytes, str]:
+    """Encode as JPEG, PNG or WebP (a seeded mix, as uploads are); deterministic bytes."""
+    names, weights = zip(*IMAGE_FORMATS)
+    fmt = names[int(rng.choice(len(names), p=weights))]
+    buffer = io.BytesIO()
+    if fmt == "JPEG":
+        image.save(buffer, "JPEG", quality=int(rng.integers(75, 96)))
+    elif fmt == "WEBP":
+        image.save(buffer, "WEBP", quality=int(rng.integers(75, 96)), method=4)
+    else:
+        image.save(buffer, "PNG")
+    return buffer.getvalue(), fmt
+
+
+# --- the dataset ----------------------------------------------------------------------
+
+def _rng(seed: int, index: int, stream: int) -> np.random.Generator:
+    return np.random.default_rng([seed, index, stream])
+
+
+def _check_args(n: int, text_noise: float, image_noise: float, image_swap: float, image_size: int, labels: Sequence[str]) -> None:
+    problems = []
+    if n < 1:
+        problems.append(f"n must be >= 1, got {n}")
+    for name, value in (("text_noise", text_noise), ("image_noise", image_noise), ("image_swap", image_swap)):
+        if not 0.0 <= value <= 1.0:
+            problems.append(f"{name} must be in [0, 1], got {value}")
+    if image_noise + image_swap > 1.0:
+        problems.append(f"image_noise + image_swap must be <= 1, got {image_noise} + {image_swap}")
+    if image_swap > 0 and len(labels) < 2:
+        problems.append("image_swap needs at least two labels")
+    if image_size < 8:
+        problems.append(f"image_size must be >= 8, got {image_size}")
+    if problems:
+        raise schema.DatasetError("synthesize: " + "; ".join(problems))
+
+
+def synthesize(
+    out_dir: str | Path,
+    n: int = 1200,
+    seed: int = 0,
+    text_noise: float = 0.3,
+    image_noise: float = 0.3,
+    image_swap: float = 0.1,
+    image_size: int = 64,
+    labels: Sequence[str] = DEFAULT_LABELS,
+    *,
+    val_frac: float = 0.1,
+    test_frac: float = 0.1,
+    rows_per_shard: int = schema.DEFAULT_ROWS_PER_SHARD,
+    corpus_dir: str | Path | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Write a synthetic dataset to ``out_dir``; return (and save) its report.
+
+    ``corpus_dir`` is the Weibo dump folder used for chatter (default: the shared corpus).
+    """
+    labels = check_labels(labels)
+    _check_args(n, text_noise, image_noise, image_swap, image_size, labels)
+    sentences, text_source = noise_sentences(Path(corpus_dir) if corpus_dir else default_corpus_dir(), labels)
+    out = schema.prepare_output_dir(out_dir, overwrite)
+
+    # Balanced classes: each label n // K or n // K + 1 times, in a seeded order.
+    order = _rng(seed, n, _LABELS).permutation(n)
+    post_labels = [labels[int(k) % len(labels)] for k in order]
+    styles = [category_style(i, len(labels)) for i in range(len(labels))]
+    rows = []
+    for index, label in enumerate(post_labels):
+        label_index = labels.index(label)
+        text_cue = bool(_rng(seed, index, _TEXT_NOISE).random() >= text_noise)
+        kind_draw = _rng(seed, index, _IMAGE_KIND)
+        u = kind_draw.random()
+        image_kind = "neutral" if u < image_noise else "swap" if u < image_noise + image_swap else "cue"
+        text_rng, image_rng = _rng(seed, index, _TEXT), _rng(seed, index, _IMAGE)
+        text = cue_text(text_rng, label) if text_cue else chatter_text(text_rng, sentences)
+        if text_cue and text_rng.random() < 0.35:
+            text = f"{text} {_pick(text_rng, sentences)[:40]}"
+        if image_kind == "neutral":
+            image_label = None
+            image = draw_neutral_image(image_rng, image_size)
+        else:
+            shift = 0 if image_kind == "cue" else 1 + int(kind_draw.integers(len(labels) - 1))
+            image_label = labels[(label_index + shift) % len(labels)]
+            image = draw_category_image(image_rng, styles[labels.index(image_label)], image_size)
+        data, fmt = encode_image(_rng(seed, index, _ENCODING), image)
+        rows.append({
+            "post_id": f"synth-{seed}-{index:06d}", "text": text, "image": data, "label": label,
+            "meta_text_cue": text_cue, "meta_image_kind": image_kind,
+            "meta_image_label": image_label, "meta_image_format": fmt,
+        })
+
+    splits = schema.stratified_split(post_labels, val_frac, test_frac, seed)
+    table_schema = schema.dataset_schema([
+        pa.field("meta_text_cue", pa.bool_()),
+        pa.field("meta_image_kind", pa.string()),
+        pa.field("meta_image_label", pa.string()),
+        pa.field("meta_image_format", pa.string()),
+    ])
+    for split in schema.SPLITS:
+        schema.write_split([r for r, s in zip(rows, splits) if s == split], out, split, rows_per_shard, table_schema)
+    schema.write_labels(out, labels)
+    schema.write_quarantine(out, [])
+    report = _report(rows, splits, labels, seed=seed, image_size=image_size, text_source=text_source,
+                     sentences=sentences, noise={"text_noise": text_noise, "image_noise": image_noise,
+                                                 "image_swap": image_swap})
+    schema.write_json(out / schema.REPORT_FILE, report)
+    return report
+
+
+def _report(rows: list[dict[str, Any]], splits: list[str], labels: list[str], *, seed: int, image_size: int,
+            text_source: str, sentences: list[str], noise: dict[str, float]) -> dict[str, Any]:
+    n = len(rows)
+    counts = {s: {label: 0 for label in labels} for s in schema.SPLITS}
+    for row, split in zip(rows, splits):
+        counts[split][row["label"]] += 1
+    kinds = Counter(r["meta_image_kind"] for r in rows)
+    digest = hashlib.sha256("\n".join(sentences).encode("utf-8")).hexdigest()[:16]
+    return {
+        "kind": "synthetic",
+        "seed": seed,
+        "n": n,
+        "labels": labels,
+        "image_size": image_size,
+        "noise": noise,
+        "realized_noise": {
+            "text_no_cue": round(sum(not r["meta_text_cue"] for r in rows) / n, 4),
+            "image_neutral": round(kinds["neutral"] / n, 4),
+            "image_swap": round(kinds["swap"] / n, 4),
+        },
+        "image_formats": dict(sorted(Counter(r["meta_image_format"] for r in rows).items())),
+        "noise_text": {"source": text_source, "sentences": len(sentences), "sha256_16": digest},
+        "splits": {s: sum(c.values()) for s, c in counts.items()},
+        "counts": counts,
+        "read": n, "kept": n, "quarantined": 0, "quarantine_reasons": {},
+    }
+
+
+def synthesize_from_config(out_dir: str | Path, cfg: SynthConfig, **kwargs: Any) -> dict[str, Any]:
+    """:func:`synthesize` with the arguments of a :class:`sgmft.config.SynthConfig`."""
+    return synthesize(out_dir, n=cfg.n, seed=cfg.seed, text_noise=cfg.text_noise, image_noise=cfg.image_noise,
+                      image_swap=cfg.image_swap, image_size=cfg.image_size, **kwargs)

@@ -1,0 +1,113 @@
+"""Ray Data pipelines over dataset directories: the data layer's only contact with Ray.
+
+``read_split`` reads a split's Parquet shards; ``preprocessed`` runs THE preprocessing
+(:func:`sgmft.data.preprocess.preprocess_batch`) in parallel CPU tasks. By default the
+output holds only tensor columns, so ``ds.iter_torch_batches(batch_size=...)`` works as is
+in Ray Train workers (Ray cannot turn string columns into tensors):
+
+    input_ids     int64   (L,)        per row
+    pixel_values  float32 (3, S, S)
+    label_id      int64               when ``labels`` is given
+    ok            bool                with ``on_error="record"``: False where decoding failed
+
+``keep_ids=True`` adds the string columns ``post_id`` (and ``label``, and ``error`` with
+``on_error="record"``) for batch prediction and error reports; consume those with
+``iter_batches`` or ``map_batches``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+
+from sgmft.data.preprocess import ON_ERROR_CHOICES, PreprocessSpec, encode_labels, preprocess_batch
+from sgmft.data.schema import split_files
+
+STRING_COLUMNS = ("post_id", "label", "error")
+
+
+def read_split(dataset_dir: str | Path, split: str, **read_kwargs: Any) -> ray.data.Dataset:
+    """The raw posts of one split (``post_id``, ``text``, ``image``, ``label``, ``meta_*``).
+
+    One read task and block per shard. Ray 2.60's default Parquet reader (datasource V2)
+    lists files in an extra task and bin-packs up to 128 MiB into one block; measured on
+    2 cores that put 2-12 s before the first batch of every epoch against 0.7-1.5 s here.
+    The switch is scoped to this call: the Dataset keeps a copy of the context.
+    """
+    files = split_files(dataset_dir, split)
+    ctx = ray.data.DataContext.get_current()
+    previous = getattr(ctx, "use_datasource_v2", False)
+    ctx.use_datasource_v2 = False
+    try:
+        return ray.data.read_parquet(files, override_num_blocks=len(files), **read_kwargs)
+    finally:
+        ctx.use_datasource_v2 = previous
+
+
+def _preprocess(batch: dict[str, np.ndarray], spec: PreprocessSpec, labels: list[str] | None,
+                on_error: str, keep_ids: bool) -> dict[str, np.ndarray]:
+    out = preprocess_batch(batch, spec, on_error=on_error)
+    if labels is not None:
+        if "label" not in out:
+            raise ValueError("labels were given but the dataset has no 'label' column (an unlabeled set?)")
+        out["label_id"] = encode_labels(out["label"], labels)
+    if on_error == "record":
+        out["ok"] = np.array([not e for e in out["error"]], dtype=bool)
+    if not keep_ids:
+        for column in STRING_COLUMNS:
+            out.pop(column, None)
+    return out
+
+
+def preprocessed(
+    ds: ray.data.Dataset,
+    spec: PreprocessSpec,
+    labels: Sequence[str] | None,
+    *,
+    batch_size: int = 64,
+    concurrency: int = 2,
+    on_error: str = "raise",
+    num_cpus: float = 1.0,
+    keep_ids: bool = False,
+    rows_per_task: int | None = None,
+) -> ray.data.Dataset:
+    """Model inputs from raw posts, decoded and tokenised by up to ``concurrency`` parallel tasks.
+
+    Tasks rather than an actor pool: a task holds its CPU only while it works, so Ray
+    Train workers and Parquet reads on a small cluster are never starved (an actor pool
+    that cannot get its CPUs waits for ever; the tokenizer is cached per worker process
+    anyway). ``rows_per_task`` (default ``4 * batch_size``) sizes the blocks the tasks
+    take: Parquet reads come in blocks of up to 128 MiB, often a whole small split, which
+    one task would process alone, while blocks of one batch each leave the tasks idle
+    between Ray Data's scheduling rounds (measured on 2 cores: 0.85 vs 1.4 tasks busy).
+    """
+    if on_error not in ON_ERROR_CHOICES:
+        raise ValueError(f"on_error must be one of {ON_ERROR_CHOICES}, got {on_error!r}")
+    rows_per_task = rows_per_task or 4 * batch_size
+    if min(concurrency, batch_size, rows_per_task) < 1:
+        raise ValueError(f"concurrency, batch_size and rows_per_task must be >= 1, "
+                         f"got {concurrency}, {batch_size} and {rows_per_task}")
+    out = ds.repartition(target_num_rows_per_block=rows_per_task).map_batches(
+        _preprocess,
+        fn_kwargs={"spec": spec, "labels": None if labels is None else list(labels),
+                   "on_error": on_error, "keep_ids": keep_ids},
+        batch_size=batch_size,
+        batch_format="numpy",
+        compute=ray.data.TaskPoolStrategy(size=concurrency),
+        num_cpus=num_cpus,
+    )
+    # Per-operator resource reservation splits a small cluster's CPUs between the read
+    # and the preprocessing, so only one preprocessing task ran at a time on 2 CPUs
+    # (1.4 busy with it off). This dataset's own context only; the pipeline is linear.
+    out.context.op_resource_reservation_enabled = False
+    return out
+
+
+def split_dataset(dataset_dir: str | Path, split: str, spec: PreprocessSpec, labels: Sequence[str] | None,
+                  **kwargs: Any) -> ray.data.Dataset:
+    """``preprocessed(read_split(dataset_dir, split), spec, labels, **kwargs)``."""
+    return preprocessed(read_split(dataset_dir, split), spec, labels, **kwargs)
