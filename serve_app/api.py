@@ -1,0 +1,345 @@
+"""The HTTP API as a FastAPI app, independent of Ray: routes, body limit, content types,
+error shape, and the glue to the one preprocessing function.
+
+Preprocessing (decode + tokenise) runs here, in the ingress, in a thread pool:
+
+- a client's bad image is refused before it reaches the model's batch queue, so it can
+  never fail or delay a batch of other people's posts;
+- decoding is CPU work that scales with ingress replicas (CPU-only, cheap), while the
+  model replica (a GPU on a real cluster) only stacks tensors and runs forwards;
+- Pillow releases the GIL while decoding, so the thread pool overlaps decodes with each
+  other and with the model's forward.
+
+The price is that the model receives decoded float32 pixels (3*S*S*4 bytes, 150 KB at
+112 px, 600 KB at 224 px) instead of the encoded file through Ray's object store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+from fastapi import FastAPI, Request
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers, UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import BaseRoute, Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from sgmft.config import ServeConfig
+from sgmft.data.preprocess import ImageDecodeError, PreprocessSpec, preprocess_batch, tokenize
+from sgmft.models.backbone import PAD_TOKEN_ID
+from serve_app.errors import ApiError, error_response, format_validation_errors, install_error_handlers
+from serve_app.metrics import NullMetrics
+from serve_app.schemas import (
+    MULTIPART_SCHEMA, BatchItemResult, BatchResponse, ErrorDetail, ErrorResponse, HealthResponse, LabelsResponse,
+    ModelResponse, PostIn, Prediction, batch_request_schema, is_valid_unicode,
+)
+
+JSON_TYPE, MULTIPART_TYPE = "application/json", "multipart/form-data"
+
+
+class Backend(Protocol):
+    """What the API needs from the model side (the ingress deployment, or an in-process stand-in)."""
+
+    info: dict[str, Any]
+
+    async def predict(self, input_ids: np.ndarray, pixel_values: np.ndarray) -> dict[str, Any]:
+        """One post's model inputs -> ``{"top_k": [{"label", "probability"}, ...], "batch_size": int}``."""
+        ...
+
+
+class Metrics(Protocol):
+    def observe_request(self, route: str, method: str, status: int, seconds: float) -> None: ...
+
+    def observe_preprocess(self, seconds: float) -> None: ...
+
+
+# --- preprocessing glue -------------------------------------------------------------
+
+@dataclass
+class PreparedPost:
+    input_ids: np.ndarray  # int64 (L,)
+    pixel_values: np.ndarray  # float32 (3, S, S)
+    text_truncated: bool
+
+
+def prepare_post(text: str, image: bytes, spec: PreprocessSpec, max_text_chars: int) -> PreparedPost:
+    """Truncate the text, then decode and tokenise with THE preprocessing function."""
+    truncated = len(text) > max_text_chars
+    text = text[:max_text_chars]
+    try:
+        inputs = preprocess_batch({"text": [text], "image": [image]}, spec, on_error="raise")
+    except ImageDecodeError as exc:
+        message = exc.message.removeprefix(f"{exc.code}: ")
+        raise ApiError(422, exc.code, f"image: {message}") from exc
+    if not truncated:
+        # One more position than the model's context: if it fills, the model's copy was cut.
+        truncated = bool(tokenize([text], spec.context_length + 1)[0, -1] != PAD_TOKEN_ID)
+    return PreparedPost(inputs["input_ids"][0], inputs["pixel_values"][0], truncated)
+
+
+def decode_base64_image(value: str) -> bytes:
+    """Standard base64 (line breaks allowed), optionally as a ``data:...;base64,`` URL."""
+    data = value.strip()
+    if data.startswith("data:"):
+        header, comma, data = data.partition(",")
+        if not comma or not header.endswith(";base64"):
+            raise ApiError(422, "invalid_base64", "image_base64: a data URL must look like data:image/png;base64,<data>")
+    try:
+        return base64.b64decode("".join(data.split()), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ApiError(422, "invalid_base64", f"image_base64 is not valid base64: {exc}") from exc
+
+
+def parse_post(raw: Any, prefix: str = "") -> PostIn:
+    if not isinstance(raw, dict):
+        where = prefix.rstrip(".") or "body"
+        raise ApiError(422, "invalid_field", f"{where}: expected a JSON object with text and image_base64, got {type(raw).__name__}")
+    try:
+        return PostIn.model_validate(raw)
+    except ValidationError as exc:
+        code, message = format_validation_errors(exc.errors(), prefix)
+        raise ApiError(422, code, message) from exc
+
+
+def media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+def require_media_type(request: Request, allowed: tuple[str, ...]) -> str:
+    kind = media_type(request)
+    if kind in allowed or (JSON_TYPE in allowed and kind.endswith("+json")):
+        return JSON_TYPE if kind.endswith("json") else kind
+    got = f"Content-Type {kind!r}" if kind else "no Content-Type"
+    raise ApiError(415, "unsupported_media_type", f"got {got}; send {' or '.join(allowed)}")
+
+
+async def read_json(request: Request) -> Any:
+    try:
+        return json.loads(await request.body())
+    except json.JSONDecodeError as exc:
+        raise ApiError(400, "malformed_json", f"request body is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})") from exc
+    except (ValueError, RecursionError) as exc:  # bad UTF-8, nesting too deep, an integer of 5000 digits
+        raise ApiError(400, "malformed_json", f"request body is not valid JSON: {exc}") from exc
+
+
+async def read_multipart(request: Request, max_part_bytes: int) -> tuple[str, bytes, str | None]:
+    """(text, image bytes, post_id) from a multipart form with a ``text`` field and an ``image`` file."""
+    try:
+        form = await request.form(max_files=1, max_fields=16, max_part_size=max_part_bytes)
+    except StarletteHTTPException as exc:  # Starlette's report of a malformed multipart body
+        raise ApiError(400, "malformed_multipart", f"multipart body cannot be parsed: {exc.detail}") from exc
+    try:
+        missing = [name for name in ("text", "image") if name not in form]
+        if missing:
+            raise ApiError(422, "missing_field", "; ".join(f"{name}: Field required" for name in missing))
+        text, image, post_id = form["text"], form["image"], form.get("post_id")
+        if not isinstance(text, str):
+            raise ApiError(422, "invalid_field", "text: must be a plain form field, not a file")
+        if not isinstance(image, UploadFile):
+            raise ApiError(422, "invalid_field", "image: must be a file upload (multipart file part with a filename)")
+        if post_id is not None and not (isinstance(post_id, str) and is_valid_unicode(post_id)):
+            raise ApiError(422, "invalid_field", "post_id: must be a plain form field of valid Unicode text")
+        return text, await image.read(), post_id
+    finally:
+        await form.close()
+
+
+# --- ASGI middleware ----------------------------------------------------------------
+
+class BodyLimitMiddleware:
+    """Refuse bodies over ``max_bytes`` with 413: from Content-Length when it is declared,
+    and by counting while reading, so a lying or absent header (chunked upload) cannot
+    get past it. The body is buffered here once and replayed to the app."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = Headers(scope=scope).get("content-length")
+        if declared is not None:
+            if not declared.strip().isdigit():
+                return await self._refuse(scope, receive, send, 400, "invalid_content_length", f"Content-Length {declared!r} is not a number")
+            if int(declared) > self.max_bytes:
+                return await self._refuse(scope, receive, send, 413, "body_too_large",
+                                          f"request body of {int(declared)} bytes exceeds the limit of {self.max_bytes} bytes")
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return  # the client went away; nobody to answer
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                return await self._refuse(scope, receive, send, 413, "body_too_large",
+                                          f"request body exceeds the limit of {self.max_bytes} bytes")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    @staticmethod
+    async def _refuse(scope: Scope, receive: Receive, send: Send, status: int, code: str, message: str) -> None:
+        # The rest of the body stays unread, so the connection cannot be reused.
+        await error_response(status, code, message, headers={"Connection": "close"})(scope, receive, send)
+
+
+class RequestMetricsMiddleware:
+    """Count requests by route template, method and status; time them. Outermost, so the
+    body limit's 413s are counted too."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, routes: list[BaseRoute]):
+        self.app = app
+        self.metrics = metrics
+        self.routes = routes
+
+    def route_of(self, scope: Scope) -> str:
+        # The route template, not the raw path: bounded label cardinality. Matched here,
+        # not taken from the router, because the body limit may answer before routing.
+        for route in self.routes:
+            if route.matches(scope)[0] != Match.NONE:
+                return getattr(route, "path", "other")
+        return "unmatched"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+        status = 500  # what the client gets if the app raises before answering
+
+        async def send_recording(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_recording)
+        finally:
+            self.metrics.observe_request(self.route_of(scope), scope.get("method", ""), status, time.perf_counter() - start)
+
+
+# --- the app ------------------------------------------------------------------------
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "Malformed JSON or multipart body."},
+    413: {"model": ErrorResponse, "description": "Body larger than serve.max_body_bytes."},
+    415: {"model": ErrorResponse, "description": "Content-Type not accepted by this route."},
+    422: {"model": ErrorResponse, "description": "Missing or invalid field, invalid base64, unusable image "
+                                                  "(code image_too_large, image_undecodable, image_truncated, ...)."},
+    503: {"model": ErrorResponse, "description": "The model is overloaded or unavailable; retry later."},
+}
+
+DESCRIPTION = """Semantic location prediction for Weibo-style posts (Chinese text + one image) with SG-MFT.
+
+Every error has the body `{"error": {"code": "...", "message": "..."}}`; a client's mistake is
+always a 4xx. In a batch, a bad post gets its own `error` and the others still answer."""
+
+
+def create_api(backend: Backend, serve_cfg: ServeConfig, spec: PreprocessSpec, metrics: Metrics | None = None) -> FastAPI:
+    """The FastAPI app for one loaded model (``backend.info``)."""
+    info = backend.info
+    version = str(info["version"])
+    metrics = metrics or NullMetrics()
+    app = FastAPI(title="SG-MFT semantic location prediction", version=version, description=DESCRIPTION)
+    install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=serve_cfg.max_body_bytes)
+    app.add_middleware(RequestMetricsMiddleware, metrics=metrics, routes=app.router.routes)
+
+    async def predict_one(text: str, image: bytes) -> dict[str, Any]:
+        start = time.perf_counter()
+        post = await run_in_threadpool(prepare_post, text, image, spec, serve_cfg.max_text_chars)
+        metrics.observe_preprocess(time.perf_counter() - start)
+        out = await backend.predict(post.input_ids, post.pixel_values)
+        return {"label": out["top_k"][0]["label"], "top_k": out["top_k"], "text_truncated": post.text_truncated,
+                "batch_size": out["batch_size"]}
+
+    # The request bodies are parsed by hand (two content types; per-post errors in batches),
+    # so their schemas are given to OpenAPI explicitly.
+    def body_schema(content: dict[str, Any]) -> dict[str, Any]:
+        return {"requestBody": {"required": True, "content": {kind: {"schema": schema} for kind, schema in content.items()}}}
+
+    @app.post("/v1/predict", response_model=Prediction, response_model_exclude_none=True, responses=ERROR_RESPONSES,
+              openapi_extra=body_schema({JSON_TYPE: PostIn.model_json_schema(), MULTIPART_TYPE: MULTIPART_SCHEMA}))
+    async def predict(request: Request) -> Prediction:
+        """Predict one post: JSON `{"text", "image_base64", "post_id"?}` or a multipart form with
+        a `text` field and an `image` file."""
+        if require_media_type(request, (JSON_TYPE, MULTIPART_TYPE)) == JSON_TYPE:
+            post = parse_post(await read_json(request))
+            text, image, post_id = post.text, decode_base64_image(post.image_base64), post.post_id
+        else:
+            text, image, post_id = await read_multipart(request, serve_cfg.max_body_bytes)
+        return Prediction(post_id=post_id, model_version=version, **await predict_one(text, image))
+
+    @app.post("/v1/predict/batch", response_model=BatchResponse, response_model_exclude_none=True, responses=ERROR_RESPONSES,
+              openapi_extra=body_schema({JSON_TYPE: batch_request_schema(serve_cfg.max_batch_items)}))
+    async def predict_batch(request: Request) -> BatchResponse:
+        """Predict up to serve.max_batch_items posts. A post that cannot be used (missing field,
+        bad base64, unusable image) gets its own `error`; the others still answer (HTTP 200)."""
+        require_media_type(request, (JSON_TYPE,))
+        body = await read_json(request)
+        if not isinstance(body, dict) or "posts" not in body:
+            raise ApiError(422, "missing_field", 'posts: Field required (send {"posts": [...]})')
+        posts = body["posts"]
+        if not isinstance(posts, list):
+            raise ApiError(422, "invalid_field", f"posts: expected a list, got {type(posts).__name__}")
+        if not posts:
+            raise ApiError(422, "empty_batch", "posts: the list is empty")
+        if len(posts) > serve_cfg.max_batch_items:
+            raise ApiError(422, "too_many_posts", f"posts: {len(posts)} posts; at most {serve_cfg.max_batch_items} per request")
+
+        async def one(index: int, raw: Any) -> BatchItemResult:
+            post_id = raw.get("post_id") if isinstance(raw, dict) else None
+            post_id = post_id if isinstance(post_id, str) and is_valid_unicode(post_id) else None  # echoed even on error
+            try:
+                post = parse_post(raw, prefix=f"posts[{index}].")
+                result = await predict_one(post.text, decode_base64_image(post.image_base64))
+            except ApiError as exc:
+                return BatchItemResult(index=index, post_id=post_id, error=ErrorDetail(code=exc.code, message=exc.message))
+            return BatchItemResult(index=index, post_id=post_id, **result)
+
+        # Items go to the model one by one: dynamic batching packs them with other traffic.
+        results = await asyncio.gather(*(one(i, raw) for i, raw in enumerate(posts)))
+        failed = sum(r.error is not None for r in results)
+        return BatchResponse(model_version=version, results=results, num_ok=len(results) - failed, num_failed=failed)
+
+    @app.get("/v1/labels", response_model=LabelsResponse)
+    async def labels() -> LabelsResponse:
+        """The model's label set, in output order, with display names."""
+        from sgmft.data.labels import display_name
+
+        return LabelsResponse(labels=info["labels"], display_names={x: display_name(x) for x in info["labels"]})
+
+    @app.get("/v1/model", response_model=ModelResponse)
+    async def model() -> ModelResponse:
+        """Model version, source, config, preprocessing and the training metrics of metrics.json."""
+        return ModelResponse(**info)
+
+    @app.get("/healthz", response_model=HealthResponse)
+    async def healthz() -> HealthResponse:
+        """200 once the model is loaded and this ingress is serving."""
+        return HealthResponse(model_version=version)
+
+    return app

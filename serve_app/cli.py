@@ -1,0 +1,70 @@
+"""``sgmft serve``: run the Serve app locally on 127.0.0.1 until Ctrl-C."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import threading
+
+from sgmft.cli import add_config_args, config_from_args
+
+APP_NAME = "sgmft"
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("serve", help="serve a model directory over HTTP with Ray Serve",
+                                 description="Deploy the SG-MFT Serve app (FastAPI ingress + batched model "
+                                             "deployment) and block until Ctrl-C. Uses the cluster named by "
+                                             "RAY_ADDRESS, or starts a local Ray.")
+    parser.add_argument("--model", help="model directory: a path, or a URI (s3://, gs://, file://); "
+                                        "defaults to serve.model_dir of the config")
+    parser.add_argument("--name", default=APP_NAME, help="Serve application name (default: %(default)s)")
+    add_config_args(parser)
+    parser.set_defaults(func=serve_command)
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    import os
+
+    from sgmft.checkpoint import ModelDirError
+    from serve_app.model import is_uri, resolve_source
+
+    cfg = config_from_args(args)
+    if args.model:
+        cfg.serve.model_dir = args.model
+    if not cfg.serve.model_dir:
+        raise ModelDirError("no model directory: pass --model DIR or set serve.model_dir")
+    cfg.serve.model_dir = resolve_source(cfg.serve.model_dir)
+    if not is_uri(cfg.serve.model_dir) and not os.path.isdir(cfg.serve.model_dir):
+        raise ModelDirError(f"model directory {cfg.serve.model_dir} does not exist")
+
+    import ray
+    from ray import serve
+
+    from sgmft.local_ray import connect
+    from serve_app.app import build_app
+
+    external = bool(os.environ.get("RAY_ADDRESS"))
+    connect()
+    s = cfg.serve
+    serve.start(http_options={"host": s.host, "port": s.port})
+    stop = threading.Event()
+    # SIGTERM as well as Ctrl-C: the app is taken down either way.
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        serve.run(build_app(cfg), name=args.name, route_prefix=s.route_prefix)
+        prefix = s.route_prefix.rstrip("/")
+        url = f"http://{s.host}:{s.port}{prefix}"
+        print(f"serving {cfg.serve.model_dir} at {url}/v1/predict  (API docs: {url}/docs); Ctrl-C to stop", flush=True)
+        while not stop.wait(1.0):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        print("stopping", flush=True)
+        if external:
+            serve.delete(args.name)  # a shared cluster keeps Serve and its other apps
+        else:
+            serve.shutdown()
+            ray.shutdown()
+    return 0
