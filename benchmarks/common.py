@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -45,6 +46,13 @@ def local_ray(num_cpus: int | None = None) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+
+
+def main(run: Callable[[bool], dict], doc: str | None) -> None:
+    """The command line every benchmark shares: ``python -m benchmarks.NAME [--quick]``."""
+    parser = argparse.ArgumentParser(description=doc)
+    parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
+    run(parser.parse_args().quick)
 
 
 class Timer:

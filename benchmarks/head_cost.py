@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import argparse
 
-from benchmarks.common import save
+from benchmarks.common import main, save
 from sgmft.config import model_config_for
 from sgmft.models.sgmft import build_model
 from sgmft.models.summary import format_costs, model_costs
@@ -24,6 +23,4 @@ def run(quick: bool = False) -> dict:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true")
-    run(parser.parse_args().quick)
+    main(run, __doc__)

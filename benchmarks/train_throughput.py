@@ -7,7 +7,6 @@ bound; the Ray run decodes and tokenises on the fly. Steady state: epoch 1 is wa
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import Timer, local_ray, save
+from benchmarks.common import Timer, local_ray, main, save
 from sgmft.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -90,6 +89,4 @@ def run(quick: bool = False) -> dict:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true")
-    run(parser.parse_args().quick)
+    main(run, __doc__)

@@ -8,11 +8,10 @@ reported too: it is amortised over every trial of a search.
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from pathlib import Path
 
-from benchmarks.common import Timer, local_ray, save
+from benchmarks.common import Timer, local_ray, main, save
 from sgmft.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,6 +54,4 @@ def run(quick: bool = False) -> dict:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true")
-    run(parser.parse_args().quick)
+    main(run, __doc__)
