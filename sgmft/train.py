@@ -64,8 +64,8 @@ def resolve_dataset(cfg: Config) -> Path:
 
 
 def _parquet_files(directory: Path, split: str) -> list[Path]:
-    """A split's Parquet files, in a dataset directory or a feature cache."""
-    files = sorted((Path(directory) / split).glob("*.parquet"))
+    """A split's Parquet files, in a dataset directory or a feature cache (partitioned by split)."""
+    files = sorted((Path(directory) / split).glob("*.parquet")) or sorted((Path(directory) / f"split={split}").glob("*.parquet"))
     if not files:
         raise FileNotFoundError(f"{directory} has no Parquet files for split {split!r}")
     return files
