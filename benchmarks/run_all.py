@@ -21,7 +21,8 @@ BENCHMARKS = ("head_cost", "ingest", "train_throughput", "tune_cache", "serve_lo
 def headline(name: str, r: dict) -> str:
     if name == "head_cost":
         return "; ".join(f"{p}: head {v['head_flops_share']:.1%} of forward FLOPs" for p, v in r.items() if isinstance(v, dict) and "head_flops_share" in v)
-    keys = {"ingest": "ratio", "train_throughput": "ratio", "tune_cache": "speedup"}
+    keys = {"ingest": "speedup", "train_throughput": "ratio", "tune_cache": "speedup",
+            "serve_load": "throughput_ratio_batched_vs_unbatched_c32"}
     if name in keys and keys[name] in r:
         return f"{keys[name]} {r[keys[name]]:.2f}x"
     if name == "gpu_check" and "inference" in r:
