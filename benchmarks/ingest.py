@@ -148,6 +148,7 @@ def run(quick: bool = False, rounds: int = 3) -> dict[str, Any]:
     from sgmft.data.preprocess import PreprocessSpec
     from sgmft.data.schema import load_labels, split_files
     from sgmft.data.synth import synthesize
+    from sgmft.local_ray import set_local_env
     from sgmft.models.backbone import image_size_of
 
     n = 800 if quick else 4000
@@ -161,7 +162,8 @@ def run(quick: bool = False, rounds: int = 3) -> dict[str, Any]:
         synth_s = time.perf_counter() - t
         files, labels = split_files(dataset_dir, "train"), load_labels(dataset_dir)
 
-        ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, _temp_dir=str(work / "ray"),
+        set_local_env()  # Ray's own traffic stays on 127.0.0.1
+        ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, _temp_dir=str(work / "ray"), _node_ip_address="127.0.0.1",
                  logging_level="ERROR", log_to_driver=False,
                  runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
         try:

@@ -68,8 +68,8 @@ def connect(num_cpus: int | None = None, quiet: bool = True) -> None:
         ray.init(address=os.environ["RAY_ADDRESS"], logging_level="WARNING")
     else:
         # the dashboard serves the State API, which Ray Train's placement-group cleaner polls
-        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", _temp_dir=short_temp_dir(),
-                 runtime_env=runtime_env, logging_level="WARNING")
+        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
+                 _temp_dir=short_temp_dir(), runtime_env=runtime_env, logging_level="WARNING")
     if quiet:
         quiet_data()
 
