@@ -300,7 +300,11 @@ def prepare(cfg: Config) -> tuple[dict, dict]:
         dataset_dir = Path(cfg.train.features_path)
         check_cache(dataset_dir, cfg)
         labels = load_labels(dataset_dir)
-        datasets = {split: feature_split(dataset_dir, split, labels) for split in ("train", "val")}
+        datasets = {
+            split: maybe_materialize(feature_split(dataset_dir, split, labels),
+                                     sum(f.stat().st_size for f in _parquet_files(dataset_dir, split)) * 2, cfg.data.materialize)
+            for split in ("train", "val")
+        }
     else:
         dataset_dir = resolve_dataset(cfg)
         labels = load_labels(dataset_dir)
