@@ -34,11 +34,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--only", nargs="+", choices=BENCHMARKS)
+    parser.add_argument("--summarize-only", action="store_true",
+                        help="rebuild the summary from the results already saved, running nothing")
     args = parser.parse_args()
     import torch
 
     summary = {"machine": machine(), "results": {}}
     for name in args.only or BENCHMARKS:
+        if args.summarize_only:
+            saved = RESULTS / f"{name}.json"
+            summary["results"][name] = json.loads(saved.read_text()) if saved.is_file() else {"skipped": "no saved result"}
+            continue
         if name == "gpu_check" and not torch.cuda.is_available():
             summary["results"][name] = {"skipped": "no CUDA GPU on this machine"}
             continue
@@ -50,7 +56,7 @@ def main() -> None:
             summary["results"][name] = {"error": repr(exc)}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    m = summary["machine"]
+    m = summary["results"].get("train_throughput", {}).get("machine", summary["machine"]) if args.summarize_only else summary["machine"]
     lines = [f"# Benchmark summary\n", f"{m['date']} on {m['cpu_count']} CPUs ({m['processor']}), GPU: {m['gpu']}, "
              f"Python {m['python']}, torch {m['torch']}, Ray {m['ray']}\n", "| benchmark | headline |", "|---|---|"]
     for name, r in summary["results"].items():
