@@ -24,6 +24,8 @@ LOCAL_ENV = {
     "RAY_AUTH_MODE": "disabled",
     "RAY_TRAIN_V2_ENABLED": "1",
     "TOKENIZERS_PARALLELISM": "false",
+    # Ray Data's progress bars interleave with the per-epoch lines of every worker and trial
+    "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
 }
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -11,7 +10,6 @@ import pytest
 from sgmft.local_ray import HeadNode, quiet_data, set_local_env
 
 set_local_env()
-os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO.parent / "shared" / "corpus"
