@@ -1,0 +1,62 @@
+"""Batch prediction on Ray Data keeps every row; one-post prediction from the CLI."""
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from sgmft.checkpoint import save_model_dir
+from sgmft.config import Config, model_config_for
+from sgmft.data.labels import DEFAULT_LABELS
+from sgmft.models.sgmft import build_model
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    import torch
+
+    torch.manual_seed(0)
+    cfg = Config(model=model_config_for("tiny", num_labels=len(DEFAULT_LABELS)))
+    return save_model_dir(tmp_path_factory.mktemp("model") / "m", build_model(cfg.model), cfg, DEFAULT_LABELS, {"version": "t1"})
+
+
+def test_batch_prediction_writes_every_row_and_reconciles(ray_cluster, tmp_path, model_dir, corpus):
+    from sgmft.predict import predict_dataset
+
+    images = corpus / "images"
+    good = [(images / name).read_bytes() for name in ("hopper.jpg", "flower.webp", "transparent.png")]
+    bad = [b"not an image at all", (images / "truncated_jpeg.jpg").read_bytes(), (images / "decompression_bomb.gif").read_bytes()]
+    rows = good * 10 + bad
+    table = pa.table({"post_id": [f"p{i}" for i in range(len(rows))], "text": ["在商场吃饭"] * len(rows),
+                      "image": pa.array(rows, type=pa.binary())})
+    (tmp_path / "in").mkdir()
+    pq.write_table(table.slice(0, 20), tmp_path / "in" / "a.parquet")
+    pq.write_table(table.slice(20), tmp_path / "in" / "b.parquet")
+
+    report = predict_dataset(model_dir, tmp_path / "in", tmp_path / "out", batch_size=8)
+    assert report == {"read": 33, "written": 33, "predicted": 30, "failed": 3}
+    out = pq.read_table(tmp_path / "out").to_pylist()
+    assert sorted(r["post_id"] for r in out) == sorted(f"p{i}" for i in range(33))
+    failed = {r["post_id"]: r["error"] for r in out if r["error"]}
+    assert set(failed) == {"p30", "p31", "p32"}
+    assert all(failed[p].startswith("image_") for p in failed), failed
+    for r in out:
+        if not r["error"]:
+            assert r["predicted_label"] in DEFAULT_LABELS
+            assert abs(sum(r["probabilities"]) - 1.0) < 1e-4 and r["probability"] == pytest.approx(max(r["probabilities"]))
+    assert json.loads((tmp_path / "out" / "_report.json").read_text())["failed"] == 3
+    with pytest.raises(FileExistsError):
+        predict_dataset(model_dir, tmp_path / "in", tmp_path / "out")
+
+
+def test_one_post_from_the_cli(model_dir, corpus, capsys):
+    from sgmft.cli import main
+
+    assert main(["predict", "--model", str(model_dir), "--text", "今天在医院排队", "--image", str(corpus / "images" / "hopper.jpg")]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    assert answer["label"] in DEFAULT_LABELS and answer["model_version"] == "t1"
+    probabilities = [t["probability"] for t in answer["top_k"]]
+    assert len(probabilities) == 3 and probabilities == sorted(probabilities, reverse=True) and answer["top_k"][0]["label"] == answer["label"]
+    assert main(["predict", "--model", str(model_dir), "--text", "x", "--image", str(corpus / "images" / "broken.png")]) == 2
+    assert "image_" in capsys.readouterr().err
