@@ -11,6 +11,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from sgmft.local_ray import set_local_env
+
+set_local_env()  # before Ray is imported anywhere: it reads these at import time
 RESULTS = Path(__file__).resolve().parent / "results"
 
 

@@ -84,8 +84,8 @@ def read_json(path: Path, default: Any = None) -> Any:
         raise ModelDirError(f"{path}: invalid JSON ({exc})") from exc
 
 
-def load_model_dir(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
-    """Load a model directory for inference (eval mode)."""
+def check_model_dir(path: str | Path) -> tuple[Config, list[str]]:
+    """Config and labels of a model directory, after checking its files agree (cheap: no weights read)."""
     path = Path(path)
     if not path.is_dir():
         raise ModelDirError(f"model directory {path} does not exist")
@@ -95,7 +95,14 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu") -> Load
         raise ModelDirError(f"{path / LABELS}: expected a list of {config.model.num_labels} labels")
     if not (path / WEIGHTS).is_file():
         raise ModelDirError(f"{path} is not a model directory: {WEIGHTS} is missing")
+    return config, [str(x) for x in labels]
+
+
+def load_model_dir(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
+    """Load a model directory for inference (eval mode)."""
+    path = Path(path)
+    config, labels = check_model_dir(path)
     model = build_model(config.model, load_pretrained=False)
     load_model(model, str(path / WEIGHTS), strict=True, device=str(device))
     model.to(device).eval()
-    return LoadedModel(model=model, config=config, labels=[str(x) for x in labels], metrics=read_json(path / METRICS, {}), path=path)
+    return LoadedModel(model=model, config=config, labels=labels, metrics=read_json(path / METRICS, {}), path=path)

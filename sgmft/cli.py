@@ -60,6 +60,9 @@ def _registrars() -> list[Callable[[argparse._SubParsersAction], None]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from sgmft.local_ray import set_local_env
+
+    set_local_env()  # before any command imports Ray, which reads these at import time
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

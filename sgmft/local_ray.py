@@ -59,9 +59,9 @@ def connect(num_cpus: int | None = None, quiet: bool = True) -> None:
     Worker output (the per-epoch progress lines) always reaches the driver; ``quiet``
     only turns Ray Data's progress bars off.
     """
+    set_local_env()  # before Ray is imported: it reads some of these at import time
     import ray
 
-    set_local_env()
     if ray.is_initialized():
         return
     repo = str(Path(__file__).resolve().parents[1])

@@ -101,6 +101,9 @@ def read_posts(data: str | Path, split: str | None):
 def predictions(model_dir: str | Path, data: str | Path, split: str | None = None, *, batch_size: int = 64,
                 concurrency: int = 1, num_gpus: float = 0.0, num_cpus: float = 1.0):
     """A lazy Ray dataset of predictions, one row per input row."""
+    from sgmft.checkpoint import check_model_dir
+
+    check_model_dir(model_dir)  # a bad path is the caller's error here, not a failed actor later
     posts = read_posts(data, split)
     return posts.map_batches(
         _RayPredictor, fn_constructor_kwargs={"model_dir": str(Path(model_dir).resolve())}, batch_size=batch_size,
