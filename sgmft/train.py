@@ -9,6 +9,7 @@ or a re-run with the same run name, resumes from the latest checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -179,7 +180,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
             wait_time += time.monotonic() - fetch
             _maybe_fail(cfg, rank, global_step, marker)
             sync = (step + 1) % cfg.train.grad_accum_steps == 0 or step + 1 == steps_per_epoch
-            context = model.no_sync() if (not sync and hasattr(model, "no_sync")) else _null()
+            context = model.no_sync() if (not sync and hasattr(model, "no_sync")) else contextlib.nullcontext()
             with context, _autocast(cfg, device):
                 logits = model(**_model_inputs(batch)).logits
                 loss = loss_fn(logits.float(), batch["label_id"])
@@ -236,14 +237,6 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
             shutil.rmtree(directory, ignore_errors=True)
         else:
             ray.train.report(metrics, checkpoint=None)
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 # ---------------------------------------------------------------- driver side
