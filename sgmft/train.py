@@ -137,7 +137,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     labels: list[str] = loop["labels"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(max(1, (os.cpu_count() or 2) // max(1, ctx.get_local_world_size())))
+    torch.set_num_threads(loop["torch_threads"])
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     device = ray.train.torch.get_device()
 
@@ -258,6 +258,8 @@ def build_trainer(cfg: Config, datasets: dict, loop: dict, cpus_per_worker: floa
         checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints, checkpoint_score_attribute=t.metric,
                                            checkpoint_score_order=t.metric_mode),
     )
+    # as many intra-op threads as CPUs reserved: more would fight the other workers and trials
+    loop = {**loop, "torch_threads": max(1, int(resources["CPU"]))}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop,
