@@ -37,7 +37,7 @@ def ablate(cfg: Config, variants: list[str] | None = None, seeds: list[int] | No
 
     from sgmft.evaluate import evaluate_local
     from sgmft.train import export_best, resolve_dataset
-    from sgmft.tune import TRIAL_DRIVER_CPU, _trial_fn, trial_config
+    from sgmft.tune import TRIAL_DRIVER_CPU, _trial_fn, concurrency, trial_config
 
     variants = variants or list(VARIANTS)
     unknown = [v for v in variants if v not in VARIANTS]
@@ -54,7 +54,7 @@ def ablate(cfg: Config, variants: list[str] | None = None, seeds: list[int] | No
                    "__base__": base, "__trials_dir__": str(trials_dir), "__variants__": VARIANTS}
     tuner = ray_tune.Tuner(
         ray_tune.with_resources(_trial_fn, {"CPU": TRIAL_DRIVER_CPU}), param_space=param_space,
-        tune_config=ray_tune.TuneConfig(metric=cfg.train.metric, mode=cfg.train.metric_mode, max_concurrent_trials=_fit(cfg)),
+        tune_config=ray_tune.TuneConfig(metric=cfg.train.metric, mode=cfg.train.metric_mode, max_concurrent_trials=concurrency(cfg)),
         run_config=ray_tune.RunConfig(name="ablate", storage_path=str(directory), verbose=0),
     )
     results = tuner.fit()
@@ -76,12 +76,6 @@ def ablate(cfg: Config, variants: list[str] | None = None, seeds: list[int] | No
     (directory / "ablation.md").write_text(markdown)
     (directory / "ablation.json").write_text(json.dumps(rows, indent=2))
     return AblationOutcome(rows, markdown, directory)
-
-
-def _fit(cfg: Config) -> int:
-    from sgmft.tune import concurrency
-
-    return concurrency(cfg)
 
 
 def ablation_table(rows: list[dict[str, Any]], order: list[str]) -> str:

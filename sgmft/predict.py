@@ -87,11 +87,11 @@ def read_posts(data: str | Path, split: str | None):
     """A dataset directory's split, or every Parquet file under ``data``."""
     import ray
 
-    from sgmft.data.schema import split_files
+    from sgmft.ray_data import read_split
 
     data = Path(data)
     if split:
-        return ray.data.read_parquet(split_files(data, split))
+        return read_split(data, split)
     files = sorted(str(p) for p in data.rglob("*.parquet"))
     if not files:
         raise FileNotFoundError(f"no Parquet files under {data}")

@@ -151,9 +151,8 @@ def summarize(results, cfg: Config, experiment_dir: Path, trials_dir: Path) -> T
     best_id = best.metrics["trial_id"]
     best_config = trial_config(config_to_dict(cfg), {k: v for k, v in best.config.items() if not k.startswith("__")})
     train_result = ray.train.Result.from_path(str(trials_dir / best_id))
-    best_cfg_for_export = best_config
-    best_cfg_for_export.train.run_name = best_id
-    model_dir, best_metrics, _ = export_best(train_result, best_cfg_for_export, experiment_dir / "best_model")
+    best_config.train.run_name = best_id  # names the exported model's version after its trial
+    model_dir, best_metrics, _ = export_best(train_result, best_config, experiment_dir / "best_model")
     _write_table(table, experiment_dir, metric)
     _plot(results, experiment_dir / "trials.png", metric)
     (experiment_dir / "best_config.json").write_text(json.dumps(config_to_dict(best_config), indent=2, ensure_ascii=False))
