@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 for _key, _value in (("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0"), ("RAY_USAGE_STATS_ENABLED", "0"),
-                     ("RAY_AUTH_MODE", "disabled"), ("RAY_DATA_DISABLE_PROGRESS_BARS", "1")):
+                     ("RAY_DATA_DISABLE_PROGRESS_BARS", "1")):
     os.environ.setdefault(_key, _value)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -148,7 +148,7 @@ def run(quick: bool = False, rounds: int = 3) -> dict[str, Any]:
     from sgmft.data.preprocess import PreprocessSpec
     from sgmft.data.schema import load_labels, split_files
     from sgmft.data.synth import synthesize
-    from sgmft.local_ray import set_local_env
+    from sgmft.local_ray import new_token_file, set_local_env, use_token
     from sgmft.models.backbone import image_size_of
 
     n = 800 if quick else 4000
@@ -163,6 +163,7 @@ def run(quick: bool = False, rounds: int = 3) -> dict[str, Any]:
         files, labels = split_files(dataset_dir, "train"), load_labels(dataset_dir)
 
         set_local_env()  # Ray's own traffic stays on 127.0.0.1
+        use_token(new_token_file(work))  # token auth on, with this run's own token (sgmft.local_ray)
         ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, _temp_dir=str(work / "ray"), _node_ip_address="127.0.0.1",
                  logging_level="ERROR", log_to_driver=False,
                  runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})

@@ -3,11 +3,20 @@
 ``connect()`` joins the cluster named by RAY_ADDRESS (what ``ray job submit`` sets) or
 starts an in-process local one. ``HeadNode`` runs ``ray start --head --block`` as a
 child process group, so stopping it ends exactly the processes it started.
+
+Every local cluster runs with Ray token authentication (``RAY_AUTH_MODE=token``): its own
+random token, in a mode-0600 file inside the cluster's temp dir, handed to Ray's processes
+and clients through ``RAY_AUTH_TOKEN_PATH``. Ray finds a token in this order: the
+``RAY_AUTH_TOKEN`` variable, then the file named by ``RAY_AUTH_TOKEN_PATH``, then
+``~/.ray/auth_token``; so ``RAY_AUTH_TOKEN`` is dropped from their environment (it would
+win over the file) and nothing is written to ``~/.ray``. A joined cluster (RAY_ADDRESS)
+keeps whatever authentication the caller's environment sets up for it.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -16,12 +25,14 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Mapping
 
 LOCAL_ENV = {
-    # keeps Ray's own traffic on loopback, reports no usage, needs no auth token (DESIGN.md)
+    # keeps Ray's own traffic on loopback and reports no usage. RAY_AUTH_MODE is not here:
+    # a local cluster turns token auth on with its own token (below), a joined one
+    # (RAY_ADDRESS, e.g. a job's driver) keeps the mode its environment gives.
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_AUTH_MODE": "disabled",
     "RAY_TRAIN_V2_ENABLED": "1",
     "TOKENIZERS_PARALLELISM": "false",
     # Ray Data's progress bars interleave with the per-epoch lines of every worker and trial
@@ -45,6 +56,37 @@ def short_temp_dir(prefix: str = "sgmft-ray-") -> str:
     return tempfile.mkdtemp(prefix=prefix, dir="/tmp")
 
 
+TOKEN_FILE = "auth_token"
+
+
+def new_token_file(directory: str | Path) -> Path:
+    """A fresh random token (256 bits, as ``ray get-auth-token --generate``) in ``directory``, mode 0600."""
+    path = Path(directory) / TOKEN_FILE
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))
+    return path
+
+
+def token_env(token_path: str | Path, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """``base`` (default: this process's environment) for a process or client of the cluster
+    whose token is in ``token_path``: token mode, that file, and no ``RAY_AUTH_TOKEN``."""
+    env = {k: v for k, v in (os.environ if base is None else base).items() if k != "RAY_AUTH_TOKEN"}
+    env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path)})
+    return env
+
+
+def use_token(token_path: str | Path) -> None:
+    """Make this process a client of the cluster whose token is in ``token_path`` (call it
+    before ``ray.init``). Ray caches the mode and the token per process: both are reloaded."""
+    os.environ.pop("RAY_AUTH_TOKEN", None)
+    os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path)})
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")  # the config first, then the token (the order of Ray's own test helper)
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
 def quiet_data() -> None:
     import ray
 
@@ -56,6 +98,8 @@ def quiet_data() -> None:
 def connect(num_cpus: int | None = None, quiet: bool = True) -> None:
     """Join RAY_ADDRESS's cluster, or start a local one on this machine.
 
+    A local cluster gets its own token (see the module doc); a joined one is reached with
+    the authentication of this process's environment (RAY_AUTH_MODE, RAY_AUTH_TOKEN[_PATH]).
     Worker output (the per-epoch progress lines) always reaches the driver; ``quiet``
     only turns Ray Data's progress bars off.
     """
@@ -69,22 +113,49 @@ def connect(num_cpus: int | None = None, quiet: bool = True) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], logging_level="WARNING")
     else:
+        temp_dir = short_temp_dir()
+        # Ray's processes started by ray.init inherit this environment, so they share the token
+        use_token(new_token_file(temp_dir))
         # the dashboard serves the State API, which Ray Train's placement-group cleaner polls
         ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
-                 _temp_dir=short_temp_dir(), runtime_env=runtime_env, logging_level="WARNING")
+                 _temp_dir=temp_dir, runtime_env=runtime_env, logging_level="WARNING")
     if quiet:
         quiet_data()
 
 
 @dataclass
 class HeadNode:
-    """A ``ray start --head`` cluster with a dashboard (for ``ray job submit`` and ``serve deploy``)."""
+    """A ``ray start --head`` cluster with a dashboard (for ``ray job submit`` and ``serve deploy``),
+    with token authentication: clients use :meth:`client_env` (subprocesses) or :meth:`use`
+    (this process, before ``ray.init``)."""
 
     num_cpus: int = 4
     temp_dir: str = field(default_factory=short_temp_dir)
     gcs_port: int = field(default_factory=free_port)
     dashboard_port: int = field(default_factory=free_port)
     process: subprocess.Popen | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    """More environment for the cluster's Ray processes, so for its workers, replicas and job drivers."""
+    token_path: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.token_path = new_token_file(self.temp_dir)
+
+    @property
+    def token(self) -> str:
+        return self.token_path.read_text().strip()
+
+    def client_env(self, base: Mapping[str, str] | None = None) -> dict[str, str]:
+        """The environment for a client subprocess (``ray job submit``, ``serve deploy``): ``base``
+        (default: ``os.environ``) with this cluster's token."""
+        return token_env(self.token_path, base)
+
+    def auth_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+    def use(self) -> None:
+        """Make this process a client of this cluster (before ``ray.init(address=self.address)``)."""
+        use_token(self.token_path)
 
     @property
     def address(self) -> str:
@@ -95,7 +166,7 @@ class HeadNode:
         return f"http://127.0.0.1:{self.dashboard_port}"
 
     def start(self, timeout_s: float = 90.0) -> "HeadNode":
-        env = {**os.environ, **LOCAL_ENV}
+        env = token_env(self.token_path, {**os.environ, **LOCAL_ENV, **self.env})
         ray_bin = str(Path(sys.executable).with_name("ray"))
         cmd = [ray_bin, "start", "--head", "--block", f"--port={self.gcs_port}", "--node-ip-address=127.0.0.1",
                f"--num-cpus={self.num_cpus}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
@@ -106,7 +177,7 @@ class HeadNode:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"ray start exited with {self.process.returncode}: {(Path(self.temp_dir) / 'ray-start.log').read_text()[-2000:]}")
-            if _dashboard_ready(self.dashboard_url):
+            if _dashboard_ready(self.dashboard_url, self.auth_headers()):
                 return self
             time.sleep(1.0)
         self.stop()
@@ -127,11 +198,12 @@ class HeadNode:
         self.process = None
 
 
-def _dashboard_ready(url: str) -> bool:
+def _dashboard_ready(url: str, headers: dict[str, str]) -> bool:
     import urllib.request
 
     try:
-        with urllib.request.urlopen(f"{url}/api/version", timeout=2) as response:
+        # /api/version needs the token: ready means reachable with it
+        with urllib.request.urlopen(urllib.request.Request(f"{url}/api/version", headers=headers), timeout=2) as response:
             return response.status == 200
     except OSError:
         return False

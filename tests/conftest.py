@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import shutil
 from pathlib import Path
 
@@ -13,6 +14,9 @@ set_local_env()
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO.parent / "shared" / "corpus"
+# HTTP API keys in the session cluster's environment (serve.api_key_env), fresh per session
+API_KEYS_ENV = "SGMFT_TEST_API_KEYS"
+API_KEYS = (secrets.token_urlsafe(24), secrets.token_urlsafe(24))
 
 
 @pytest.fixture(scope="session")
@@ -24,12 +28,13 @@ def corpus() -> Path:
 
 @pytest.fixture(scope="session")
 def ray_head():
-    """The session's one Ray cluster: ``ray start --head`` with a dashboard, on 127.0.0.1.
+    """The session's one Ray cluster: ``ray start --head`` with a dashboard, on 127.0.0.1,
+    with token authentication (its own token; ``ray_head.client_env()`` for subprocesses).
 
     Four logical CPUs on a 2-core machine: train workers take fractions, Ray Data and
     Serve take the rest; oversubscription only time-slices, it never deadlocks.
     """
-    head = HeadNode(num_cpus=4).start()
+    head = HeadNode(num_cpus=4, env={API_KEYS_ENV: ",".join(API_KEYS)}).start()
     yield head
     import ray
 
@@ -46,11 +51,18 @@ def ray_head():
 
 
 @pytest.fixture(scope="session")
+def api_keys() -> tuple[str, tuple[str, ...]]:
+    """(the variable the session cluster's processes hold API keys in, those keys)."""
+    return API_KEYS_ENV, API_KEYS
+
+
+@pytest.fixture(scope="session")
 def ray_cluster(ray_head):
-    """This test process connected as a driver to the session's cluster."""
+    """This test process connected as a driver to the session's cluster, with its token."""
     import ray
 
     if not ray.is_initialized():
+        ray_head.use()
         ray.init(address=ray_head.address, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}},
                  logging_level="WARNING", log_to_driver=False)
         quiet_data()
