@@ -63,7 +63,8 @@ def plain_loop(cfg, dataset_dir: Path, threads: int, steps: int) -> float:
 
 
 def run(quick: bool = False) -> dict:
-    from sgmft.train import resolve_dataset, train
+    from sgmft.runs import resolve_dataset
+    from sgmft.train import train
 
     n, epochs = (480, 2) if quick else (960, 3)
     with tempfile.TemporaryDirectory(prefix="sgmft-bench-") as tmp:

@@ -19,7 +19,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def run(quick: bool = False) -> dict:
     from sgmft.features import cache_features
-    from sgmft.train import resolve_dataset, train
+    from sgmft.runs import resolve_dataset
+    from sgmft.train import train
 
     n, epochs = (480, 2) if quick else (960, 4)
     with tempfile.TemporaryDirectory(prefix="sgmft-bench-") as tmp:

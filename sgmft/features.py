@@ -18,10 +18,11 @@ import numpy as np
 import torch
 
 from sgmft.config import BackboneConfig, Config
+from sgmft.data.schema import FEATURE_MANIFEST, feature_split_dir, shard_files
+from sgmft.inference import autocast, default_device, to_device
 from sgmft.models.backbone import build_backbone
 
-MANIFEST = "features.json"
-SPLITS = ("train", "val", "test")
+MANIFEST = FEATURE_MANIFEST
 
 
 class FeatureCacheError(ValueError):
@@ -32,16 +33,15 @@ class FeatureExtractor:
     """Ray Data actor: the frozen backbone, run on preprocessed batches."""
 
     def __init__(self, backbone: dict[str, Any], seed: int, device: str | None = None):
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = torch.device(device) if device else default_device()
         # the seed training uses before building its model, so random-init presets get the same weights
         torch.manual_seed(seed)
         self.backbone = build_backbone(BackboneConfig(**backbone)).to(self.device).eval()
 
     @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ids = torch.as_tensor(batch["input_ids"], device=self.device)
-        pixels = torch.as_tensor(batch["pixel_values"], device=self.device)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+        ids, pixels = to_device(batch["input_ids"], self.device), to_device(batch["pixel_values"], self.device)
+        with autocast(self.device):
             out = self.backbone(ids, pixels)
         half = lambda t: t.float().cpu().numpy().astype(np.float16)  # noqa: E731  halves the cache size
         return {
@@ -60,10 +60,6 @@ def _preprocess_with_split(batch: dict[str, np.ndarray], spec) -> dict[str, np.n
     from sgmft.data.preprocess import preprocess_batch
 
     return {**preprocess_batch(batch, spec), "split": batch["split"]}
-
-
-def _split_dir(features_dir: Path, split: str) -> Path:
-    return Path(features_dir) / f"split={split}"
 
 
 def cache_features(cfg: Config, dataset_dir: str | Path, out_dir: str | Path, *, concurrency: int = 1,
@@ -91,7 +87,7 @@ def cache_features(cfg: Config, dataset_dir: str | Path, out_dir: str | Path, *,
                                 batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=concurrency),
                                 num_gpus=num_gpus)
     features.write_parquet(str(out_dir), partition_cols=["split"])
-    counts = {split: sum(pq.ParquetFile(f).metadata.num_rows for f in _split_dir(out_dir, split).glob("*.parquet"))
+    counts = {split: sum(pq.ParquetFile(f).metadata.num_rows for f in feature_split_dir(out_dir, split).glob("*.parquet"))
               for split in splits}
     (out_dir / "labels.json").write_text(json.dumps(labels, ensure_ascii=False))
     manifest = {"backbone": asdict(cfg.model.backbone), "seed": cfg.train.seed, "image_size": spec.image_size,
@@ -132,7 +128,4 @@ def feature_split(features_dir: str | Path, split: str, labels: list[str]):
     """A Ray dataset of cached features with integer labels, ready for iter_torch_batches."""
     import ray
 
-    files = sorted(str(p) for p in _split_dir(features_dir, split).glob("*.parquet"))
-    if not files:
-        raise FeatureCacheError(f"feature cache {features_dir} has no {split} split")
-    return ray.data.read_parquet(files).map_batches(_encode_labels, fn_kwargs={"labels": labels}, batch_format="numpy")
+    return ray.data.read_parquet(shard_files(features_dir, split)).map_batches(_encode_labels, fn_kwargs={"labels": labels}, batch_format="numpy")

@@ -48,3 +48,20 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_rat
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def build_optimization(model: SGMFTModel, cfg: TrainConfig, device: torch.device, total_updates: int,
+                       state: dict | None = None) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """Move ``model`` to ``device``, then build its optimizer and schedule and restore ``state``.
+
+    The order matters: ``Optimizer.load_state_dict`` places each saved moment tensor on its
+    parameter's device at load time, so loading before the move would leave the moments on
+    the CPU and the first GPU ``optimizer.step()`` would fail.
+    """
+    model.to(device)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = warmup_cosine(optimizer, total_updates, cfg.warmup_ratio)
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    return optimizer, scheduler

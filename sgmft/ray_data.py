@@ -6,7 +6,7 @@ output holds only tensor columns, so ``ds.iter_torch_batches(batch_size=...)`` w
 in Ray Train workers (Ray cannot turn string columns into tensors):
 
     input_ids     int64   (L,)        per row
-    pixel_values  float32 (3, S, S)
+    pixel_values  uint8   (3, S, S)   normalised on the model's device
     label_id      int64               when ``labels`` is given
     ok            bool                with ``on_error="record"``: False where decoding failed
 

@@ -1,35 +1,26 @@
-"""Distributed training of SG-MFT: Ray Train (TorchTrainer, DDP) fed by Ray Data shards.
+"""Distributed training of SG-MFT on the connected Ray cluster, from the driver's side.
 
-Every epoch each worker trains the same number of steps (equal shards, whole batches
-only, so DDP never waits on a rank that ran out of data), validation counts are summed
-across ranks, and rank 0 reports a checkpoint that is also a model directory plus
-``train_state.pt`` (optimizer, scheduler, epoch, RNG, history). A restarted worker group,
-or a re-run with the same run name, resumes from the latest checkpoint.
+``prepare`` turns a config into Ray datasets (posts preprocessed by Ray Data, or a
+feature cache) and the loop config; ``build_trainer`` makes the ``TorchTrainer`` that
+runs :func:`sgmft.train_loop.train_loop_per_worker` on every worker; ``train`` fits it,
+exports the best checkpoint as a model directory and evaluates the test split.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import math
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from sgmft.checkpoint import METRICS, TRAIN_FILES, write_model_files
-from sgmft.config import Config, config_from_dict, config_to_dict
-from sgmft.metrics import classification_report, confusion_matrix
-from sgmft.models.backbone import BackboneOutput
-
-TRAIN_STATE = "train_state.pt"
-FEATURE_COLUMNS = ("text_tokens", "text_mask", "image_tokens", "text_embeds", "image_embeds")
+from sgmft.checkpoint import METRICS
+from sgmft.config import Config, config_to_dict
+from sgmft.data.schema import label_counts, shard_files, split_rows
+from sgmft.runs import export_best, resolve_dataset, run_dir
+from sgmft.train_loop import train_loop_per_worker
 
 
 @dataclass
@@ -41,205 +32,6 @@ class TrainOutcome:
     dataset_dir: Path | None = None
     test: dict[str, Any] | None = None
     timings: dict[str, float] = field(default_factory=dict)
-
-
-def run_dir(cfg: Config) -> Path:
-    return Path(cfg.train.storage_path).resolve() / cfg.train.run_name
-
-
-def resolve_dataset(cfg: Config) -> Path:
-    """The configured dataset, or the synthetic default built once inside the run directory."""
-    if cfg.data.path:
-        path = Path(cfg.data.path)
-        if not path.is_dir():
-            raise FileNotFoundError(f"data.path {path} does not exist")
-        return path
-    from sgmft.data.synth import synthesize
-
-    s = cfg.data.synth
-    path = run_dir(cfg) / f"synthetic-n{s.n}-seed{s.seed}-t{s.text_noise}-i{s.image_noise}-s{s.image_swap}-px{s.image_size}"
-    if not (path / "labels.json").is_file():
-        synthesize(path, n=s.n, seed=s.seed, text_noise=s.text_noise, image_noise=s.image_noise,
-                   image_swap=s.image_swap, image_size=s.image_size)
-    return path
-
-
-def _parquet_files(directory: Path, split: str) -> list[Path]:
-    """A split's Parquet files, in a dataset directory or a feature cache (partitioned by split)."""
-    files = sorted((Path(directory) / split).glob("*.parquet")) or sorted((Path(directory) / f"split={split}").glob("*.parquet"))
-    if not files:
-        raise FileNotFoundError(f"{directory} has no Parquet files for split {split!r}")
-    return files
-
-
-def split_rows(directory: Path, split: str) -> int:
-    import pyarrow.parquet as pq
-
-    return sum(pq.ParquetFile(f).metadata.num_rows for f in _parquet_files(directory, split))
-
-
-def label_counts(directory: Path, labels: list[str]) -> list[int]:
-    import pyarrow.parquet as pq
-
-    column = [v for f in _parquet_files(directory, "train") for v in pq.read_table(f, columns=["label"]).column("label").to_pylist()]
-    return [column.count(label) for label in labels]
-
-
-# ---------------------------------------------------------------- worker side
-
-
-def _model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
-    if "input_ids" in batch:
-        return {"input_ids": batch["input_ids"], "pixel_values": batch["pixel_values"]}
-    return {"features": BackboneOutput(**{k: batch[k] for k in FEATURE_COLUMNS if k in batch})}
-
-
-def _batches(shard, cfg: Config, epoch: int, device, shuffle: bool):
-    kwargs = dict(batch_size=cfg.data.batch_size, device=device, drop_last=shuffle, prefetch_batches=2)
-    if shuffle:
-        kwargs.update(local_shuffle_buffer_size=cfg.data.batch_size * 4, local_shuffle_seed=cfg.train.seed + epoch)
-    return shard.iter_torch_batches(**kwargs)
-
-
-def _autocast(cfg: Config, device: torch.device):
-    use_bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16)
-
-
-def _maybe_fail(cfg: Config, rank: int, step: int, marker: Path) -> None:
-    """Testing hook: kill this worker process once, as a real crash would."""
-    if cfg.train.fail_once_at_step is not None and rank == 0 and step == cfg.train.fail_once_at_step and not marker.exists():
-        marker.write_text(f"crashed at step {step}\n")
-        print(f"[sgmft] fail_once_at_step: worker 0 exits at step {step}", flush=True)
-        os._exit(1)
-
-
-def _save_checkpoint(model, cfg, labels, metrics, state) -> "Any":
-    from ray.train import Checkpoint
-
-    directory = Path(tempfile.mkdtemp(prefix="sgmft-ckpt-"))
-    write_model_files(directory, model, cfg, labels, metrics)
-    torch.save(state, directory / TRAIN_STATE)
-    return directory, Checkpoint.from_directory(str(directory))
-
-
-def train_loop_per_worker(loop: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker."""
-    import ray.train
-    import ray.train.torch
-    import torch.distributed as dist
-    from safetensors.torch import load_model
-
-    from sgmft.models.sgmft import build_model
-    from sgmft.optim import build_optimizer, warmup_cosine
-
-    cfg: Config = config_from_dict(loop["config"])
-    labels: list[str] = loop["labels"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(loop["torch_threads"])
-    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    device = ray.train.torch.get_device()
-
-    model = build_model(cfg.model, load_pretrained=True)
-    optimizer = build_optimizer(model, cfg.train)
-    steps_per_epoch = loop["train_rows"] // world // cfg.data.batch_size
-    if steps_per_epoch < 1:
-        raise ValueError(f"{loop['train_rows']} training rows give no full batch of {cfg.data.batch_size} per worker on {world} workers")
-    total_updates = math.ceil(steps_per_epoch / cfg.train.grad_accum_steps) * cfg.train.epochs
-    scheduler = warmup_cosine(optimizer, total_updates, cfg.train.warmup_ratio)
-
-    start_epoch, history, global_step = 0, [], 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as directory:
-            load_model(model, str(Path(directory) / "model.safetensors"))
-            state = torch.load(Path(directory) / TRAIN_STATE, map_location="cpu", weights_only=True)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, history, global_step = state["epoch"] + 1, json.loads(state["history"]), state["global_step"]
-        torch.set_rng_state(state["rng"])
-        if rank == 0:
-            print(f"[sgmft] resumed from epoch {state['epoch'] + 1} (step {global_step})", flush=True)
-
-    model = ray.train.torch.prepare_model(model)
-    weights = torch.tensor(loop["class_weights"], dtype=torch.float32, device=device) if loop["class_weights"] else None
-    loss_fn = torch.nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.train.label_smoothing)
-    train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
-    marker = Path(loop["run_dir"]) / ".fail_once_done"
-    started = time.monotonic()
-
-    for epoch in range(start_epoch, cfg.train.epochs):
-        torch.manual_seed(cfg.train.seed * 1000 + epoch * 10 + rank)  # dropout RNG: the same on resume
-        model.train()
-        epoch_start, wait_time, loss_sum, seen = time.monotonic(), 0.0, 0.0, 0
-        batches = iter(_batches(train_shard, cfg, epoch, device, shuffle=True))
-        for step in range(steps_per_epoch):
-            fetch = time.monotonic()
-            batch = next(batches)
-            wait_time += time.monotonic() - fetch
-            _maybe_fail(cfg, rank, global_step, marker)
-            sync = (step + 1) % cfg.train.grad_accum_steps == 0 or step + 1 == steps_per_epoch
-            context = model.no_sync() if (not sync and hasattr(model, "no_sync")) else contextlib.nullcontext()
-            with context, _autocast(cfg, device):
-                logits = model(**_model_inputs(batch)).logits
-                loss = loss_fn(logits.float(), batch["label_id"])
-            (loss / cfg.train.grad_accum_steps).backward()
-            if sync:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.item() * len(batch["label_id"])
-            seen += len(batch["label_id"])
-            global_step += 1
-        for _ in batches:  # drain what equal splitting left over so the iterator closes cleanly
-            pass
-        train_time = time.monotonic() - epoch_start
-
-        model.eval()
-        matrix = torch.zeros(len(labels), len(labels), dtype=torch.int64)
-        with torch.inference_mode(), _autocast(cfg, device):
-            for batch in _batches(val_shard, cfg, epoch, device, shuffle=False):
-                predicted = model(**_model_inputs(batch)).logits.argmax(-1)
-                matrix += torch.from_numpy(confusion_matrix(batch["label_id"].cpu().numpy(), predicted.cpu().numpy(), len(labels)))
-        totals = torch.tensor([loss_sum, seen, wait_time, train_time], dtype=torch.float64)
-        if dist.is_available() and dist.is_initialized():
-            matrix, totals = matrix.to(device), totals.to(device)
-            dist.all_reduce(matrix)
-            dist.all_reduce(totals)
-        report = classification_report(matrix.cpu().numpy(), labels)
-        loss_sum, seen, wait_time, train_time = totals.cpu().tolist()
-        samples_per_s = seen / (train_time / world)
-        metrics = {
-            "epoch": epoch + 1,
-            "train_loss": loss_sum / max(seen, 1),
-            "val_accuracy": report["accuracy"],
-            "val_macro_f1": report["macro_f1"],
-            "samples_per_s": samples_per_s,
-            "data_wait_share": wait_time / max(train_time, 1e-9),
-            "global_step": global_step,
-            **{f"val_f1/{label}": v["f1"] for label, v in report["per_class"].items()},
-        }
-        history.append({k: metrics[k] for k in ("epoch", "train_loss", "val_accuracy", "val_macro_f1", "samples_per_s", "data_wait_share")})
-        if rank == 0:
-            elapsed = time.monotonic() - started
-            remaining = elapsed / (epoch + 1 - start_epoch) * (cfg.train.epochs - epoch - 1)
-            print(f"[sgmft] epoch {epoch + 1}/{cfg.train.epochs}  loss {metrics['train_loss']:.4f}  "
-                  f"val acc {report['accuracy']:.3f}  macro-F1 {report['macro_f1']:.3f}  "
-                  f"{samples_per_s:.1f} samples/s  data wait {metrics['data_wait_share']:.0%}  ETA {remaining:.0f}s", flush=True)
-            state = {
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch,
-                "global_step": global_step, "rng": torch.get_rng_state(), "history": json.dumps(history),
-            }
-            directory, ckpt = _save_checkpoint(model, cfg, labels, {**metrics, "val_report": report}, state)
-            ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch-{epoch + 1:04d}")
-            shutil.rmtree(directory, ignore_errors=True)
-        else:
-            ray.train.report(metrics, checkpoint=None)
-
-
-# ---------------------------------------------------------------- driver side
 
 
 def build_trainer(cfg: Config, datasets: dict, loop: dict, cpus_per_worker: float | None = None, run_config=None):
@@ -267,6 +59,18 @@ def build_trainer(cfg: Config, datasets: dict, loop: dict, cpus_per_worker: floa
         run_config=run_config,
         datasets=datasets,
     )
+
+
+def preprocess_concurrency(cfg: Config, cluster_cpus: float | None = None) -> int:
+    """Parallel preprocessing tasks: as configured, or every CPU the train workers leave free."""
+    if cfg.data.preprocess_concurrency is not None:
+        return cfg.data.preprocess_concurrency
+    if cluster_cpus is None:
+        import ray
+
+        cluster_cpus = ray.cluster_resources().get("CPU", 1.0)
+    free = cluster_cpus - cfg.train.num_workers * cfg.train.cpus_per_worker
+    return max(1, int(free))
 
 
 def maybe_materialize(ds, estimated_bytes: int, mode: str):
@@ -297,7 +101,7 @@ def prepare(cfg: Config) -> tuple[dict, dict]:
         labels = load_labels(dataset_dir)
         datasets = {
             split: maybe_materialize(feature_split(dataset_dir, split, labels),
-                                     sum(f.stat().st_size for f in _parquet_files(dataset_dir, split)) * 2, cfg.data.materialize)
+                                     sum(Path(f).stat().st_size for f in shard_files(dataset_dir, split)) * 2, cfg.data.materialize)
             for split in ("train", "val")
         }
     else:
@@ -307,8 +111,8 @@ def prepare(cfg: Config) -> tuple[dict, dict]:
         datasets = {
             split: maybe_materialize(
                 split_dataset(dataset_dir, split, spec, labels, batch_size=cfg.data.preprocess_batch_size,
-                              concurrency=cfg.data.preprocess_concurrency),
-                split_rows(dataset_dir, split) * (12 * spec.image_size ** 2 + 8 * spec.context_length + 8),
+                              concurrency=preprocess_concurrency(cfg)),
+                split_rows(dataset_dir, split) * (3 * spec.image_size ** 2 + 8 * spec.context_length + 8),
                 cfg.data.materialize)
             for split in ("train", "val")
         }
@@ -323,30 +127,6 @@ def prepare(cfg: Config) -> tuple[dict, dict]:
         "train_rows": split_rows(dataset_dir, "train"), "run_dir": str(run_dir(cfg)), "dataset_dir": str(dataset_dir),
     }
     return datasets, loop
-
-
-def export_best(result, cfg: Config, destination: Path) -> tuple[Path, dict, list]:
-    """Copy the best checkpoint's model files (not its optimizer state) to a model directory."""
-    candidates = [(ckpt, m) for ckpt, m in (result.best_checkpoints or []) if ckpt is not None]
-    if not candidates:
-        raise RuntimeError(f"training produced no checkpoint (error: {result.error})")
-    sign = 1 if cfg.train.metric_mode == "max" else -1
-    best_ckpt, best_metrics = max(candidates, key=lambda cm: (sign * cm[1][cfg.train.metric], cm[1]["epoch"]))
-    # Ray keeps the latest checkpoint besides the best-k; its state holds the whole epoch history
-    latest = result.checkpoint or max(candidates, key=lambda cm: cm[1]["epoch"])[0]
-    with latest.as_directory() as directory:
-        history = json.loads(torch.load(Path(directory) / TRAIN_STATE, weights_only=True)["history"])
-    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=destination.parent))
-    with best_ckpt.as_directory() as directory:
-        for name in TRAIN_FILES:
-            shutil.copy2(Path(directory) / name, staging / name)
-    metrics = json.loads((staging / METRICS).read_text())
-    metrics.update({"version": f"{cfg.train.run_name}-epoch{best_metrics['epoch']}", "history": history})
-    (staging / METRICS).write_text(json.dumps(metrics, indent=2, ensure_ascii=False))
-    if destination.exists():
-        shutil.rmtree(destination)
-    staging.rename(destination)
-    return destination, best_metrics, history
 
 
 def train(cfg: Config, evaluate_test: bool = True) -> TrainOutcome:

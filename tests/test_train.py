@@ -1,13 +1,11 @@
 """Real TorchTrainer runs on the session's local Ray: crash-and-resume, re-run resume, job submit."""
 
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import pytest
 
 from sgmft.config import load_config
 
@@ -22,7 +20,8 @@ def tiny_config(tmp_path: Path, *overrides: str):
 
 
 def test_a_worker_crash_mid_epoch_resumes_without_losing_or_repeating_epochs(ray_cluster, tmp_path):
-    from sgmft.train import split_rows, train
+    from sgmft.data.schema import split_rows
+    from sgmft.train import train
 
     # ~200 train rows / 2 workers / 16 = 6 steps per epoch: step 8 is in the middle of epoch 2
     cfg = tiny_config(tmp_path, "train.run_name=crash", "train.fail_once_at_step=8", "train.max_failures=1", "train.epochs=2")
@@ -58,7 +57,7 @@ def test_training_learns_the_low_noise_synthetic_set(ray_cluster, tmp_path):
 
 
 def test_ray_job_submit_runs_the_train_job(ray_head, tmp_path):
-    env = {**os.environ, "RAY_ADDRESS": ray_head.dashboard_url}
+    env = {**ray_head.client_env(), "RAY_ADDRESS": ray_head.dashboard_url}
     env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
     cmd = [str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", ray_head.dashboard_url,
            "--working-dir", str(REPO), "--", sys.executable, "-m", "jobs.train", "--config", "jobs/configs/demo.yaml",

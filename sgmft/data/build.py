@@ -3,7 +3,7 @@
 Every input row ends up either in a split or in ``quarantine.jsonl`` with its reason;
 ``read = kept + quarantined`` is checked before anything is reported. A row is usable
 when it has a post id not used before, an image file that really decodes (the same
-:func:`~sgmft.data.preprocess.decode_image` the model uses), and a label from the label
+:func:`~sgmft.data.preprocess.image_pixels` the model uses), and a label from the label
 set. Splits come from the input where given, otherwise a seeded stratified split.
 """
 
@@ -243,7 +243,7 @@ class _Checker:
 
     def _check(self, post: RawPost) -> tuple[tuple[str, str] | None, bytes | None]:
         """(reason, detail) when unusable, else (None, the image bytes). Cheap checks first."""
-        from sgmft.data.preprocess import ImageDecodeError, decode_image
+        from sgmft.data.preprocess import ImageDecodeError, image_pixels
 
         if post.post_id is None:
             return ("post_id_missing", "no post_id"), None
@@ -264,7 +264,7 @@ class _Checker:
         except OSError as exc:
             return ("image_unreadable", f"image file {post.image_path}: {exc}"), None
         try:
-            decode_image(data, self.spec)
+            image_pixels(data, self.spec)
         except ImageDecodeError as exc:
             return (exc.code, f"{post.image_path}: {exc.message}"), None
         if post.post_id in self.sources:

@@ -3,9 +3,11 @@
 Images: safe Pillow decoding (pixel limit checked from the header before any pixel is
 decoded, truncated files refused), EXIF orientation applied, first frame of animations,
 alpha flattened on white, every mode brought to 8-bit RGB, then Chinese-CLIP's
-``image_transform``: Resize((S, S), BICUBIC) -> ToTensor -> Normalize(CLIP mean/std),
-done here in PIL/numpy. Text: the ``cn_clip`` tokenizer and vocabulary, exactly as
-``cn_clip.clip.tokenize``.
+``image_transform`` up to its normalisation: Resize((S, S), BICUBIC), kept as uint8
+(3, S, S). Pixels travel as bytes through Ray Data, the object store and Serve (a quarter
+of float32); the CLIP mean/std normalisation is the model's first operation, on its
+device (:func:`sgmft.models.backbone.normalize_pixels`). Text: the ``cn_clip`` tokenizer
+and vocabulary, exactly as ``cn_clip.clip.tokenize``.
 """
 
 from __future__ import annotations
@@ -24,12 +26,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 if TYPE_CHECKING:
     from sgmft.config import Config
 
-# The values of sgmft.models.backbone (a test checks they agree). Not imported from there:
-# that module imports torch, which would add seconds to every Ray Data worker's start
-# and hundreds of MB to its memory, for three constants.
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-PAD_TOKEN_ID = 0
+from sgmft.presets import CLIP_MEAN, CLIP_STD, PAD_TOKEN_ID, image_size_of
+
 ON_ERROR_CHOICES = ("raise", "record")
 _JPEG_DRAFT_FACTOR = 2
 """JPEGs are DCT-downscaled to no less than twice the target size before the bicubic
@@ -43,8 +41,6 @@ class PreprocessSpec:
     image_size: int
     context_length: int = 52
     max_image_pixels: int = 40_000_000
-    mean: tuple[float, float, float] = CLIP_MEAN
-    std: tuple[float, float, float] = CLIP_STD
 
     def __post_init__(self) -> None:
         if self.image_size < 1:
@@ -56,8 +52,6 @@ class PreprocessSpec:
 
     @classmethod
     def from_config(cls, cfg: Config) -> PreprocessSpec:
-        from sgmft.models.backbone import image_size_of
-
         return cls(
             image_size=image_size_of(cfg.model.backbone.preset),
             context_length=cfg.data.context_length,
@@ -155,26 +149,30 @@ def _high_depth_to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
     return np.clip(values * scale + 0.5, 0, 255).astype(np.uint8)
 
 
-@functools.lru_cache(maxsize=16)
-def _normalizer(mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
-    std_arr = np.asarray(std, dtype=np.float32)
-    return (1.0 / (255.0 * std_arr)).astype(np.float32), (-np.asarray(mean, dtype=np.float32) / std_arr)
-
-
-def decode_image(data: bytes, spec: PreprocessSpec) -> np.ndarray:
-    """Encoded image bytes -> float32 (3, S, S), CLIP-normalised."""
+def image_pixels(data: bytes, spec: PreprocessSpec) -> np.ndarray:
+    """Encoded image bytes -> uint8 (3, S, S) RGB: what the model receives, before normalisation."""
     size = spec.image_size
     image = load_image(data, spec.max_image_pixels, draft_size=size * _JPEG_DRAFT_FACTOR)
     image = image.resize((size, size), Image.Resampling.BICUBIC)
-    scale, offset = _normalizer(tuple(spec.mean), tuple(spec.std))
-    pixels = np.asarray(image, dtype=np.float32) * scale + offset  # (S, S, 3)
-    return np.ascontiguousarray(pixels.transpose(2, 0, 1))
+    return np.ascontiguousarray(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1))
 
 
-def denormalize(pixels: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+def normalize(pixels: np.ndarray) -> np.ndarray:
+    """uint8 (..., 3, S, S) -> float32 CLIP-normalised; the numpy twin of the model's first step."""
+    mean = np.asarray(CLIP_MEAN, np.float32)[:, None, None]
+    std = np.asarray(CLIP_STD, np.float32)[:, None, None]
+    return (pixels.astype(np.float32) / 255.0 - mean) / std
+
+
+def decode_image(data: bytes, spec: PreprocessSpec) -> np.ndarray:
+    """Encoded image bytes -> float32 (3, S, S), CLIP-normalised, as the model sees them."""
+    return normalize(image_pixels(data, spec))
+
+
+def denormalize(pixels: np.ndarray, spec: PreprocessSpec | None = None) -> np.ndarray:
     """float32 (3, S, S) back to 0..255 RGB values (H, W, 3), for checks and display."""
-    mean = np.asarray(spec.mean, np.float32)[:, None, None]
-    std = np.asarray(spec.std, np.float32)[:, None, None]
+    mean = np.asarray(CLIP_MEAN, np.float32)[:, None, None]
+    std = np.asarray(CLIP_STD, np.float32)[:, None, None]
     return ((pixels * std + mean) * 255.0).transpose(1, 2, 0)
 
 
@@ -237,7 +235,7 @@ def preprocess_batch(batch: Mapping[str, Any], spec: PreprocessSpec, on_error: s
     """A column batch of posts -> model inputs.
 
     ``batch`` has ``image`` (encoded bytes per row) and optionally ``text``, ``post_id``,
-    ``label``. Returns ``input_ids`` int64 (N, L) and ``pixel_values`` float32 (N, 3, S, S),
+    ``label``. Returns ``input_ids`` int64 (N, L) and ``pixel_values`` uint8 (N, 3, S, S),
     with ``post_id``/``label`` passed through. ``on_error="raise"`` raises
     :class:`ImageDecodeError` naming the post; ``"record"`` zero-fills failed rows and adds
     an ``error`` column ("" when fine, ``"code: message"`` otherwise).
@@ -253,11 +251,11 @@ def preprocess_batch(batch: Mapping[str, Any], spec: PreprocessSpec, on_error: s
         raise ValueError(f"batch columns differ in length: {n} images, {len(texts)} texts")
     post_ids = batch.get("post_id")
     size = spec.image_size
-    pixels = np.zeros((n, 3, size, size), dtype=np.float32)
+    pixels = np.zeros((n, 3, size, size), dtype=np.uint8)
     errors = [""] * n
     for row, data in enumerate(images):
         try:
-            pixels[row] = decode_image(data, spec)
+            pixels[row] = image_pixels(data, spec)
         except ImageDecodeError as exc:
             post_id = None if post_ids is None else str(post_ids[row])
             if on_error == "raise":

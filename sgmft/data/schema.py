@@ -83,6 +83,40 @@ def split_files(dataset_dir: str | Path, split: str) -> list[str]:
     return files
 
 
+# A feature cache (``sgmft features cache``) is the second dataset layout: backbone features
+# instead of posts, partitioned by split (``split=train/...``), with its manifest.
+FEATURE_MANIFEST = "features.json"
+
+
+def is_feature_cache(directory: str | Path) -> bool:
+    return (Path(directory) / FEATURE_MANIFEST).is_file()
+
+
+def feature_split_dir(features_dir: str | Path, split: str) -> Path:
+    return Path(features_dir) / f"split={check_split(split)}"
+
+
+def shard_files(directory: str | Path, split: str) -> list[str]:
+    """A split's Parquet files, in a post dataset or in a feature cache."""
+    if not is_feature_cache(directory):
+        return split_files(directory, split)
+    files = sorted(str(p) for p in feature_split_dir(directory, split).glob("*.parquet"))
+    if not files:
+        raise DatasetError(f"feature cache {directory} has no {split!r} split")
+    return files
+
+
+def split_rows(directory: str | Path, split: str) -> int:
+    """Rows of one split, from the Parquet footers (nothing is read)."""
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in shard_files(directory, split))
+
+
+def label_counts(directory: str | Path, labels: Sequence[str]) -> list[int]:
+    """How many training rows carry each label, in ``labels`` order."""
+    counts = Counter(v for f in shard_files(directory, "train") for v in pq.read_table(f, columns=["label"]).column("label").to_pylist())
+    return [counts[label] for label in labels]
+
+
 def available_splits(dataset_dir: str | Path) -> list[str]:
     """The splits that have at least one shard, in :data:`SPLITS` order."""
     return [s for s in SPLITS if any((Path(dataset_dir) / s).glob("part-*.parquet"))]

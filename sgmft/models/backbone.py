@@ -18,59 +18,20 @@ import torch
 from torch import nn
 
 from sgmft.config import BackboneConfig
+from sgmft.presets import CLIP_MEAN, CLIP_STD, CUSTOM, PAD_TOKEN_ID, RELEASED, check_preset, image_size_of
 
-PAD_TOKEN_ID = 0
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-# Released cn_clip models: vision JSON @ text JSON, input resolution, released file name.
-RELEASED = {
-    "ViT-B-16": ("ViT-B-16", "RoBERTa-wwm-ext-base-chinese", 224, "clip_cn_vit-b-16.pt"),
-    "ViT-L-14": ("ViT-L-14", "RoBERTa-wwm-ext-base-chinese", 224, "clip_cn_vit-l-14.pt"),
-    "ViT-L-14-336": ("ViT-L-14-336", "RoBERTa-wwm-ext-base-chinese", 336, "clip_cn_vit-l-14-336.pt"),
-    "ViT-H-14": ("ViT-H-14", "RoBERTa-wwm-ext-large-chinese", 224, "clip_cn_vit-h-14.pt"),
-    "RN50": ("RN50", "RBT3-chinese", 224, "clip_cn_rn50.pt"),
-}
-
-
-def _text_arch(hidden: int, layers: int, heads: int, dropout: float) -> dict[str, Any]:
-    return {
-        "vocab_size": 21128,  # the cn_clip vocabulary
-        "text_attention_probs_dropout_prob": dropout,
-        "text_hidden_act": "gelu",
-        "text_hidden_dropout_prob": dropout,
-        "text_hidden_size": hidden,
-        "text_initializer_range": 0.02,
-        "text_intermediate_size": hidden * 4,
-        "text_max_position_embeddings": 512,
-        "text_num_attention_heads": heads,
-        "text_num_hidden_layers": layers,
-        "text_type_vocab_size": 2,
-    }
-
-
-# Random-init presets for CPU: `tiny` for tests and the demo, `small` for benchmarks.
-CUSTOM = {
-    "tiny": {
-        "embed_dim": 64, "image_resolution": 32, "vision_layers": 2, "vision_width": 64,
-        "vision_patch_size": 8, "vision_head_width": 32, **_text_arch(64, 2, 2, 0.0),
-    },
-    "small": {
-        "embed_dim": 256, "image_resolution": 112, "vision_layers": 4, "vision_width": 256,
-        "vision_patch_size": 16, "vision_head_width": 64, **_text_arch(256, 4, 4, 0.1),
-    },
-}
+# Re-exported: the presets module is the one place these facts live.
+__all__ = ["PAD_TOKEN_ID", "CLIP_MEAN", "CLIP_STD", "RELEASED", "CUSTOM", "image_size_of", "normalize_pixels"]
 
 
 def architecture(preset: str) -> dict[str, Any]:
     """cn_clip's ``CLIP(**kwargs)`` arguments for a preset (from the package's own JSONs)."""
     if preset in CUSTOM:
         return dict(CUSTOM[preset])
-    if preset not in RELEASED:
-        raise ValueError(f"unknown backbone preset {preset!r}; known: {sorted([*CUSTOM, *RELEASED])}")
+    check_preset(preset)
     import cn_clip.clip
 
-    vision, text, _, _ = RELEASED[preset]
+    vision, text = RELEASED[preset].vision_config, RELEASED[preset].text_config
     config_dir = Path(cn_clip.clip.__file__).parent / "model_configs"
     info = json.loads((config_dir / f"{vision}.json").read_text())
     info.update(json.loads((config_dir / f"{text}.json").read_text()))
@@ -81,8 +42,17 @@ def architecture(preset: str) -> dict[str, Any]:
     return info
 
 
-def image_size_of(preset: str) -> int:
-    return int(architecture(preset)["image_resolution"])
+def normalize_pixels(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 RGB (B, 3, S, S) -> float32 CLIP-normalised, on the device the pixels are on.
+
+    Pixels travel as bytes (a quarter of float32) from preprocessing to the model's
+    device; this is the first operation there. Float input is taken as already normalised.
+    """
+    if pixels.dtype != torch.uint8:
+        return pixels
+    scale = torch.tensor([1.0 / (255.0 * s) for s in CLIP_STD], device=pixels.device).view(1, 3, 1, 1)
+    offset = torch.tensor([-m / s for m, s in zip(CLIP_MEAN, CLIP_STD)], device=pixels.device).view(1, 3, 1, 1)
+    return torch.addcmul(offset, pixels.float(), scale)
 
 
 @dataclass
@@ -114,7 +84,7 @@ class ClipBackbone(nn.Module):
             out.text_mask = input_ids.ne(PAD_TOKEN_ID)
             out.text_tokens, out.text_embeds = self.encode_text(input_ids, out.text_mask)
         if pixel_values is not None:
-            out.image_tokens, out.image_embeds = self.encode_image(pixel_values)
+            out.image_tokens, out.image_embeds = self.encode_image(normalize_pixels(pixel_values))
         return out
 
     def encode_text(self, input_ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -227,7 +197,7 @@ def _released_path(cfg: BackboneConfig) -> Path:
     if cfg.checkpoint:
         path = Path(cfg.checkpoint)
     elif cfg.download_root and cfg.preset in RELEASED:
-        path = Path(cfg.download_root) / RELEASED[cfg.preset][3]
+        path = Path(cfg.download_root) / RELEASED[cfg.preset].file_name
     else:
         raise ValueError("model.backbone: set checkpoint or download_root to load released weights")
     if not path.is_file():

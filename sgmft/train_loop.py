@@ -1,0 +1,258 @@
+"""The Ray Train worker loop of SG-MFT: what every training worker runs.
+
+Every epoch each worker trains the same number of steps (equal shards, whole batches
+only, so DDP never waits on a rank that ran out of data), validation counts are summed
+across ranks, and rank 0 reports a checkpoint that is also a model directory plus
+``train_state.pt`` (optimizer, scheduler, epoch, RNG, history). A restarted worker group,
+or a re-run with the same run name, resumes from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sgmft.checkpoint import write_model_files
+from sgmft.config import Config, config_from_dict
+from sgmft.metrics import classification_report
+from sgmft.models.backbone import BackboneOutput
+from sgmft.runs import TRAIN_STATE
+
+FEATURE_COLUMNS = ("text_tokens", "text_mask", "image_tokens", "text_embeds", "image_embeds")
+HISTORY_KEYS = ("epoch", "train_loss", "val_accuracy", "val_macro_f1", "samples_per_s", "data_wait_share")
+
+
+def _model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+    if "input_ids" in batch:
+        return {"input_ids": batch["input_ids"], "pixel_values": batch["pixel_values"]}
+    return {"features": BackboneOutput(**{k: batch[k] for k in FEATURE_COLUMNS if k in batch})}
+
+
+def _batches(shard, cfg: Config, epoch: int, device: torch.device, shuffle: bool):
+    """A shard's batches on ``device``.
+
+    On a GPU, Ray pins each collated host batch and copies it with ``non_blocking=True``, so
+    the copy overlaps queued GPU work; pixels cross as uint8 and are normalised on the device.
+    """
+    kwargs = dict(batch_size=cfg.data.batch_size, device=device, drop_last=shuffle,
+                  prefetch_batches=cfg.data.prefetch_batches, pin_memory=device.type == "cuda")
+    if shuffle:
+        kwargs.update(local_shuffle_buffer_size=cfg.data.batch_size * 4, local_shuffle_seed=cfg.train.seed + epoch)
+    return shard.iter_torch_batches(**kwargs)
+
+
+def _autocast(cfg: Config, device: torch.device):
+    use_bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+
+def _maybe_fail(cfg: Config, rank: int, step: int, marker: Path) -> None:
+    """Testing hook: kill this worker process once, as a real crash would."""
+    if cfg.train.fail_once_at_step is not None and rank == 0 and step == cfg.train.fail_once_at_step and not marker.exists():
+        marker.write_text(f"crashed at step {step}\n")
+        print(f"[sgmft] fail_once_at_step: worker 0 exits at step {step}", flush=True)
+        os._exit(1)
+
+
+def _save_checkpoint(model, cfg, labels, metrics, state) -> "Any":
+    from ray.train import Checkpoint
+
+    directory = Path(tempfile.mkdtemp(prefix="sgmft-ckpt-"))
+    write_model_files(directory, model, cfg, labels, metrics)
+    torch.save(state, directory / TRAIN_STATE)
+    return directory, Checkpoint.from_directory(str(directory))
+
+
+@dataclass
+class WorkerRun:
+    """What one Ray Train worker holds across epochs."""
+
+    cfg: Config
+    labels: list[str]
+    rank: int
+    world: int
+    device: torch.device
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    loss_fn: torch.nn.Module
+    steps_per_epoch: int
+    start_epoch: int = 0
+    global_step: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _restored_state(model: torch.nn.Module) -> dict[str, Any] | None:
+    """Weights into ``model`` and the training state of Ray Train's latest checkpoint, if any."""
+    import ray.train
+    from safetensors.torch import load_model
+
+    checkpoint = ray.train.get_checkpoint()
+    if not checkpoint:
+        return None
+    with checkpoint.as_directory() as directory:
+        load_model(model, str(Path(directory) / "model.safetensors"))
+        return torch.load(Path(directory) / TRAIN_STATE, map_location="cpu", weights_only=True)
+
+
+def setup_worker(loop: dict[str, Any]) -> WorkerRun:
+    """Model on its device, optimizer and schedule (restored when resuming), DDP, loss."""
+    import ray.train
+    import ray.train.torch
+
+    from sgmft.models.sgmft import build_model
+    from sgmft.optim import build_optimization
+
+    cfg: Config = config_from_dict(loop["config"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(loop["torch_threads"])
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    device = ray.train.torch.get_device()
+    steps_per_epoch = loop["train_rows"] // world // cfg.data.batch_size
+    if steps_per_epoch < 1:
+        raise ValueError(f"{loop['train_rows']} training rows give no full batch of {cfg.data.batch_size} per worker on {world} workers")
+    total_updates = math.ceil(steps_per_epoch / cfg.train.grad_accum_steps) * cfg.train.epochs
+
+    model = build_model(cfg.model, load_pretrained=True)
+    state = _restored_state(model)
+    optimizer, scheduler = build_optimization(model, cfg.train, device, total_updates, state)
+    weights = torch.tensor(loop["class_weights"], dtype=torch.float32, device=device) if loop["class_weights"] else None
+    run = WorkerRun(cfg=cfg, labels=loop["labels"], rank=rank, world=world, device=device,
+                    model=ray.train.torch.prepare_model(model), optimizer=optimizer, scheduler=scheduler,
+                    loss_fn=torch.nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.train.label_smoothing),
+                    steps_per_epoch=steps_per_epoch)
+    if state is not None:
+        run.start_epoch, run.global_step = state["epoch"] + 1, state["global_step"]
+        run.history = json.loads(state["history"])
+        torch.set_rng_state(state["rng"])
+        if rank == 0:
+            print(f"[sgmft] resumed from epoch {state['epoch'] + 1} (step {run.global_step})", flush=True)
+    return run
+
+
+def _accumulation_divisor(step: int, steps_per_epoch: int, accum: int) -> int:
+    """Micro-batches in ``step``'s accumulation group; the epoch's last group may be short."""
+    group_start = step - step % accum
+    return min(accum, steps_per_epoch - group_start)
+
+
+def train_epoch(run: WorkerRun, shard, epoch: int, marker: Path) -> tuple[float, int, float, float]:
+    """One epoch of equal-length steps: (loss sum, samples, seconds waiting for data, seconds)."""
+    cfg, model = run.cfg, run.model
+    torch.manual_seed(cfg.train.seed * 1000 + epoch * 10 + run.rank)  # dropout RNG: the same on resume
+    model.train()
+    started, wait_time, loss_sum, seen = time.monotonic(), 0.0, 0.0, 0
+    batches = iter(_batches(shard, cfg, epoch, run.device, shuffle=True))
+    accum = cfg.train.grad_accum_steps
+    for step in range(run.steps_per_epoch):
+        fetch = time.monotonic()
+        batch = next(batches)
+        wait_time += time.monotonic() - fetch
+        _maybe_fail(cfg, run.rank, run.global_step, marker)
+        sync = (step + 1) % accum == 0 or step + 1 == run.steps_per_epoch
+        context = model.no_sync() if (not sync and hasattr(model, "no_sync")) else contextlib.nullcontext()
+        with context, _autocast(cfg, run.device):
+            logits = model(**_model_inputs(batch)).logits
+            loss = run.loss_fn(logits.float(), batch["label_id"])
+        (loss / _accumulation_divisor(step, run.steps_per_epoch, accum)).backward()
+        if sync:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
+            run.optimizer.step()
+            run.scheduler.step()
+            run.optimizer.zero_grad(set_to_none=True)
+        loss_sum += loss.detach() * len(batch["label_id"])
+        seen += len(batch["label_id"])
+        run.global_step += 1
+    for _ in batches:  # drain what equal splitting left over so the iterator closes cleanly
+        pass
+    # one host sync per epoch, not per step: .item() in the loop would stall the GPU queue
+    return float(loss_sum), seen, wait_time, time.monotonic() - started
+
+
+def validation_matrix(run: WorkerRun, shard, epoch: int) -> torch.Tensor:
+    """This worker's confusion matrix on its validation shard."""
+    run.model.eval()
+    n = len(run.labels)
+    matrix = torch.zeros(n * n, dtype=torch.int64, device=run.device)
+    with torch.inference_mode(), _autocast(run.cfg, run.device):
+        for batch in _batches(shard, run.cfg, epoch, run.device, shuffle=False):
+            predicted = run.model(**_model_inputs(batch)).logits.argmax(-1)
+            matrix += torch.bincount(batch["label_id"] * n + predicted, minlength=n * n)
+    return matrix.view(n, n)
+
+
+def _all_reduce(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        for tensor in tensors:
+            dist.all_reduce(tensor)
+    return [t.cpu() for t in tensors]
+
+
+def epoch_metrics(run: WorkerRun, epoch: int, train_stats: tuple[float, int, float, float],
+                  matrix: torch.Tensor) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Metrics summed over every rank, and the validation report."""
+    totals = torch.tensor(train_stats, dtype=torch.float64, device=run.device)
+    matrix, totals = _all_reduce(matrix, totals)
+    report = classification_report(matrix.numpy(), run.labels)
+    loss_sum, seen, wait_time, train_time = totals.tolist()
+    metrics = {
+        "epoch": epoch + 1,
+        "train_loss": loss_sum / max(seen, 1),
+        "val_accuracy": report["accuracy"],
+        "val_macro_f1": report["macro_f1"],
+        "samples_per_s": seen / (train_time / run.world),
+        "data_wait_share": wait_time / max(train_time, 1e-9),
+        "global_step": run.global_step,
+        **{f"val_f1/{label}": v["f1"] for label, v in report["per_class"].items()},
+    }
+    return metrics, report
+
+
+def report_epoch(run: WorkerRun, epoch: int, metrics: dict[str, Any], report: dict[str, Any], started: float) -> None:
+    """Rank 0 prints the epoch line and reports a checkpoint; the others report metrics only."""
+    import ray.train
+
+    cfg = run.cfg
+    run.history.append({k: metrics[k] for k in HISTORY_KEYS})
+    if run.rank != 0:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    elapsed = time.monotonic() - started
+    remaining = elapsed / (epoch + 1 - run.start_epoch) * (cfg.train.epochs - epoch - 1)
+    print(f"[sgmft] epoch {epoch + 1}/{cfg.train.epochs}  loss {metrics['train_loss']:.4f}  "
+          f"val acc {report['accuracy']:.3f}  macro-F1 {report['macro_f1']:.3f}  "
+          f"{metrics['samples_per_s']:.1f} samples/s  data wait {metrics['data_wait_share']:.0%}  ETA {remaining:.0f}s", flush=True)
+    state = {
+        "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(), "epoch": epoch,
+        "global_step": run.global_step, "rng": torch.get_rng_state(), "history": json.dumps(run.history),
+    }
+    directory, ckpt = _save_checkpoint(run.model, cfg, run.labels, {**metrics, "val_report": report}, state)
+    ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch-{epoch + 1:04d}")
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def train_loop_per_worker(loop: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker."""
+    import ray.train
+
+    run = setup_worker(loop)
+    train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+    marker = Path(loop["run_dir"]) / ".fail_once_done"
+    started = time.monotonic()
+    for epoch in range(run.start_epoch, run.cfg.train.epochs):
+        stats = train_epoch(run, train_shard, epoch, marker)
+        metrics, report = epoch_metrics(run, epoch, stats, validation_matrix(run, val_shard, epoch))
+        report_epoch(run, epoch, metrics, report, started)
