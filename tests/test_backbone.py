@@ -23,10 +23,23 @@ def _inputs(image_size: int):
     return ids, pixels
 
 
+def _redraw_every_parameter(module: torch.nn.Module, seed: int = 0) -> None:
+    """Random values everywhere, LayerNorm weights and biases included: at their defaults
+    (ones and zeros) a conversion that swaps or drops them would still pass."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            if name.endswith("logit_scale"):
+                continue
+            noise = torch.randn(param.shape, generator=generator) * 0.05
+            param.copy_(noise + (1.0 if ("ln" in name or "norm" in name) and name.endswith("weight") else 0.0))
+
+
 @pytest.mark.parametrize("preset", ["tiny", "small"])
 def test_cn_clip_and_hf_give_the_same_embeddings(preset):
     torch.manual_seed(0)
     native = CnClipBackbone(preset).eval()
+    _redraw_every_parameter(native)
     hf = HFChineseClipBackbone(preset).eval()
     state = cn_clip_to_hf_state_dict(native.clip.state_dict(), architecture(preset)["vision_layers"])
     missing, unexpected = hf.hf.load_state_dict(state, strict=False)
@@ -39,6 +52,7 @@ def test_cn_clip_and_hf_give_the_same_embeddings(preset):
     torch.testing.assert_close(a.image_embeds, b.image_embeds, atol=1e-4, rtol=0)
     mask = a.text_mask.unsqueeze(-1)
     torch.testing.assert_close(a.text_tokens * mask, b.text_tokens * mask, atol=1e-4, rtol=0)
+    torch.testing.assert_close(a.image_tokens, b.image_tokens, atol=1e-4, rtol=0)
     # and cn_clip's own pooled encoders agree with our token-level reading of the same model
     with torch.no_grad():
         torch.testing.assert_close(native.clip.encode_text(ids), a.text_embeds, atol=1e-5, rtol=0)
@@ -102,3 +116,26 @@ def test_hf_from_pretrained_directory(tmp_path):
     ids, pixels = _inputs(hf.image_size)
     with torch.no_grad():
         np.testing.assert_allclose(hf.eval()(ids, pixels).image_embeds, again.eval()(ids, pixels).image_embeds, atol=1e-6)
+
+
+def test_hf_refuses_download_root_without_a_checkpoint_and_incomplete_directories(tmp_path):
+    with pytest.raises(ValueError, match="model.backbone.checkpoint"):
+        build_backbone(BackboneConfig(preset="tiny", implementation="hf", download_root=str(tmp_path)))
+    from safetensors.torch import load_file, save_file
+
+    HFChineseClipBackbone("tiny").hf.save_pretrained(tmp_path / "hf")
+    weights = tmp_path / "hf" / "model.safetensors"
+    state = load_file(weights)
+    save_file({k: v for k, v in state.items() if "visual_projection" not in k}, weights, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="visual_projection"):
+        build_backbone(BackboneConfig(preset="tiny", implementation="hf", checkpoint=str(tmp_path / "hf")))
+
+
+def test_rn50_stages_count_as_layers_1_to_4():
+    backbone = CnClipBackbone("RN50")
+    assert backbone.layer_of("visual.layer1.0.conv1.weight") == (1, 4)
+    assert backbone.layer_of("visual.layer4.2.conv3.weight") == (4, 4)
+    assert backbone.layer_of("visual.conv1.weight") == (0, 4)
+    backbone.apply_policy("last_k", 1)
+    trainable = {n for n, p in backbone.named_parameters() if p.requires_grad and n.startswith("clip.visual.layer")}
+    assert trainable and all(n.startswith("clip.visual.layer4.") for n in trainable)

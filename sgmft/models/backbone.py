@@ -75,6 +75,7 @@ class ClipBackbone(nn.Module):
     image_size: int
     _layer_patterns: tuple[tuple[re.Pattern, str], ...] = ()
     _tower_depth: dict[str, int]
+    _first_block_index: dict[str, int] = {}  # a tower whose block names count from 1 (ResNet's layer1..layer4)
     _pooled_parts: tuple[str, ...] = ()  # the CLIP projections to the joint space, and its logit scale
     _text_parts: tuple[str, ...] = ()
 
@@ -94,13 +95,14 @@ class ClipBackbone(nn.Module):
         raise NotImplementedError
 
     def layer_of(self, name: str) -> tuple[int, int]:
-        """(layer index, tower depth) of a parameter: 0 = embeddings, depth+1 = final norm/projection."""
+        """(layer index, tower depth) of a parameter: 0 = embeddings, 1..depth = blocks,
+        depth+1 = final norm/projection."""
         for pattern, tower in self._layer_patterns:
             match = pattern.search(name)
             if match:
                 depth = self._tower_depth[tower]
                 if match.groups():
-                    return int(match.group(1)) + 1, depth
+                    return int(match.group(1)) + 1 - self._first_block_index.get(tower, 0), depth
                 return 0, depth
         return max(self._tower_depth.values()) + 1, max(self._tower_depth.values())
 
@@ -148,6 +150,7 @@ class CnClipBackbone(ClipBackbone):
         self._pooled_parts = ("text_projection", "visual.proj", "visual.attnpool", "logit_scale")
         self._text_parts = ("bert.", "text_projection")
         vision_block = r"visual\.layer(\d)\." if self.is_resnet else r"visual\.transformer\.resblocks\.(\d+)\."
+        self._first_block_index = {"vision": 1} if self.is_resnet else {}
         self._layer_patterns = (
             (re.compile(vision_block), "vision"),
             (re.compile(r"bert\.encoder\.layer\.(\d+)\."), "text"),
@@ -253,7 +256,12 @@ class HFChineseClipBackbone(ClipBackbone):
         if pretrained_dir:
             if not Path(pretrained_dir).is_dir():
                 raise FileNotFoundError(f"Hugging Face model directory {pretrained_dir} does not exist")
-            self.hf = ChineseCLIPModel.from_pretrained(pretrained_dir, local_files_only=True)
+            self.hf, loading = ChineseCLIPModel.from_pretrained(pretrained_dir, local_files_only=True, output_loading_info=True)
+            # transformers fills missing weights with random ones and only logs it: here that is an error
+            missing = [k for k in loading["missing_keys"] if not k.endswith("position_ids")]
+            if missing or loading["mismatched_keys"]:
+                raise ValueError(f"{pretrained_dir} is not a complete ChineseCLIPModel for preset {preset}: "
+                                 f"missing {missing[:5]}, mismatched {list(loading['mismatched_keys'])[:5]}")
         else:
             self.hf = ChineseCLIPModel(hf_config(preset))
         self.preset = preset
@@ -287,6 +295,9 @@ class HFChineseClipBackbone(ClipBackbone):
 def build_backbone(cfg: BackboneConfig, load_pretrained: bool = True) -> ClipBackbone:
     """Build the configured backbone; with ``load_pretrained`` also load released weights if configured."""
     wants_weights = load_pretrained and bool(cfg.checkpoint or cfg.download_root)
+    if cfg.implementation == "hf" and cfg.download_root and not cfg.checkpoint:
+        raise ValueError("model.backbone: the hf implementation loads a Hugging Face model directory named by "
+                         "model.backbone.checkpoint; download_root names cn_clip's released .pt files")
     if cfg.implementation == "hf":
         backbone: ClipBackbone = HFChineseClipBackbone(cfg.preset, cfg.checkpoint if wants_weights else None)
     else:

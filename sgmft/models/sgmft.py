@@ -61,7 +61,9 @@ class ModalitySimilarity(nn.Module):
     def __init__(self, d_model: int, norm: str, pooling: str):
         super().__init__()
         # t*v of unit vectors is O(1/D) per dimension; a scale of D starts P_m away from a flat 0.5.
-        self.scale = nn.Parameter(torch.tensor(float(d_model)))
+        # Learned as its logarithm: an optimizer step then changes it by a ratio, the same at D=64
+        # as at D=1024, and it cannot change sign.
+        self.log_scale = nn.Parameter(torch.tensor(math.log(d_model)))
         self.bias = nn.Parameter(torch.zeros(()))
         self.norm = norm
         self.pooling = pooling
@@ -69,7 +71,7 @@ class ModalitySimilarity(nn.Module):
     def forward(self, text, text_mask, image, image_mask) -> torch.Tensor:
         t = F.normalize(pool(text, text_mask, self.pooling), dim=-1)
         v = F.normalize(pool(image, image_mask, self.pooling), dim=-1)
-        logits = self.scale * (t * v) + self.bias
+        logits = self.log_scale.exp() * (t * v) + self.bias
         if self.norm == "softmax":
             p = torch.softmax(logits, dim=-1)
             return p / p.amax(dim=-1, keepdim=True)
