@@ -1,4 +1,8 @@
-"""The dataset builder: manifests and Weibo dumps, quarantine with reasons, reproducible shards."""
+"""The dataset builder: manifests and Weibo dumps, quarantine with reasons, reproducible shards.
+
+Hostile images and Weibo dumps are generated here (tests/hostile_images.py and
+:func:`_weibo_lines`); the same checks also run on the workshop corpus where it exists.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +12,14 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
+import hostile_images as hi
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
 from sgmft.data.build import build_dataset, load_label_source
 from sgmft.data.schema import DatasetError, read_quarantine, split_files, validate_dataset
-from sgmft.data.synth import category_style, draw_category_image
+from sgmft.data.synth import category_style, chatter_sentences, draw_category_image
 from sgmft.data.weibo import BadWeiboRecord, WeiboPost, image_name, parse_weibo_dump
 
 LABELS = ["school", "hospital", "gym"]
@@ -29,8 +34,14 @@ def _rows_of(root: Path) -> list[dict]:
     return [r for split in ("train", "val", "test") for f in split_files(root, split) for r in pq.read_table(f).to_pylist()]
 
 
+@pytest.fixture(scope="module")
+def corpus() -> Path:
+    """The workshop corpus, or a skip (``$SGMFT_TEST_CORPUS`` can point elsewhere)."""
+    return hi.require_corpus()
+
+
 @pytest.fixture
-def manifest_dir(tmp_path: Path, corpus: Path) -> Path:
+def manifest_dir(tmp_path: Path) -> Path:
     """A manifest of 30 good rows and one of each kind of bad row."""
     folder = tmp_path / "raw"
     (folder / "img").mkdir(parents=True)
@@ -42,7 +53,7 @@ def manifest_dir(tmp_path: Path, corpus: Path) -> Path:
         rows.append({"post_id": f"p{i:03d}", "text": f"第{i}条 在{label}", "image": name, "label": label})
     _write_image(folder / "img" / "abs.png", 0, 99)
     (folder / "img" / "junk.jpg").write_bytes(b"this is not an image at all")
-    shutil.copy(corpus / "images" / "truncated_jpeg.jpg", folder / "img" / "cut.jpg")
+    (folder / "img" / "cut.jpg").write_bytes(hi.truncated_jpeg())
     rows += [
         {"post_id": "abs", "text": "absolute path", "image": str(folder / "img" / "abs.png"), "label": "school", "meta_city": "成都"},
         {"post_id": "gone", "text": "文件不见了", "image": "img/missing.jpg", "label": "gym"},
@@ -141,6 +152,105 @@ def test_validate_dataset_names_the_problem(manifest_dir, tmp_path):
         validate_dataset(out)
     with pytest.raises(DatasetError, match="split 'test'"):
         split_files(tmp_path / "nowhere", "test")
+
+
+def _hostile_manifest(folder: Path, samples: list[tuple[str, bytes, str, str | None]]) -> Path:
+    """A manifest with one post per (name, bytes, expect, code), images written under ``folder``."""
+    (folder / "img").mkdir(parents=True)
+    lines = []
+    for i, (name, data, _, _) in enumerate(samples):
+        (folder / "img" / name).write_bytes(data)
+        lines.append(json.dumps({"post_id": name, "text": f"第{i}条", "image": f"img/{name}", "label": LABELS[i % 3]},
+                                ensure_ascii=False))
+    (folder / "manifest.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return folder / "manifest.jsonl"
+
+
+@pytest.mark.parametrize("source", ["generated", "corpus"])
+def test_every_hostile_image_is_kept_or_quarantined_with_its_reason(source, tmp_path):
+    if source == "generated":
+        samples = [(x.name, x.data(), x.expect, x.code) for x in hi.CATALOG]
+    else:
+        images = hi.require_corpus() / "images"
+        with open(images / "MANIFEST.tsv", encoding="utf-8") as fh:
+            rows = [r for r in csv.DictReader(fh, delimiter="\t") if r["expect"] != "either"]
+        codes = {"decompression_bomb.gif": "image_too_large", "truncated_jpeg.jpg": "image_truncated",
+                 "truncated_image.png": "image_truncated", "broken.png": "image_undecodable"}
+        samples = [(r["file"], (images / r["file"]).read_bytes(), r["expect"], codes.get(r["file"])) for r in rows]
+    report = build_dataset(_hostile_manifest(tmp_path / "raw", samples), tmp_path / "ds", labels=LABELS, seed=0)
+    quarantined = {q["post_id"]: q for q in read_quarantine(tmp_path / "ds")}
+    kept = {r["post_id"] for r in _rows_of(tmp_path / "ds")}
+    for name, _, expect, code in samples:
+        if expect == "ok":
+            assert name in kept, quarantined.get(name)
+        else:
+            assert name in quarantined, name
+            reason = quarantined[name]["reason"]
+            assert reason.startswith("image_") and reason == (code or reason), (name, quarantined[name])
+    assert report["read"] == len(samples) == len(kept) + len(quarantined)
+    validate_dataset(tmp_path / "ds")
+
+
+def _weibo_lines(n: int, start_id: int = 3900000000000000) -> list[str]:
+    """A Weibo dump of ``n`` posts in the format of Jin et al. (2017), as the corpus has them:
+    meta line (15 fields), image URLs ending in null (none for every fourth post), text
+    (with links, entities and link labels to clean; empty for every tenth post)."""
+    chatter, _ = chatter_sentences(LABELS)
+    lines = []
+    for i in range(n):
+        post_id = start_id + i * 7919
+        lines.append(f"{post_id}|null|null|null|{1447078683000 + i * 60_000}|true|{i}|{i % 5}|{i * 3}|null|0|null|null|null|微博 weibo.com")
+        lines.append("null" if i % 4 == 0 else
+                     f"http://ww1.sinaimg.cn/large/a{i:04d}x.jpg|http://ww3.sinaimg.cn/large/b{i:04d}y.jpg|null")
+        text = "" if i % 10 == 9 else chatter[i % len(chatter)]
+        if i % 3 == 0 and text:
+            text += f" http://t.cn/R{i:04d}zz O网页链接 &amp; 更多"
+        lines.append(text)
+    return lines
+
+
+def test_weibo_dump_build_on_a_generated_dump(tmp_path):
+    dump = tmp_path / "test_nonrumor.txt"
+    dump.write_text("\n".join(_weibo_lines(200)) + "\n", encoding="utf-8-sig")  # with a BOM, as the corpus
+    posts = list(parse_weibo_dump(dump))
+    assert all(isinstance(p, WeiboPost) for p in posts) and len(posts) == 200
+    assert posts[0].publish_time_ms == 1447078683000 and posts[1].image_urls[-1].endswith("b0001y.jpg")
+    images = tmp_path / "images" / "nonrumor_images"
+    images.mkdir(parents=True)
+    with_images = [p for p in posts if p.image_urls][:40]
+    for i, post in enumerate(with_images):
+        # The second listed image is the one on disk: the builder must look past the first.
+        _write_image(images / image_name(post.image_urls[-1]), i % 3, i)
+    labelled = with_images[:30] + [p for p in posts if p.image_urls][100:105]
+    label_file = tmp_path / "labels.csv"
+    with open(label_file, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["post_id", "label"])
+        writer.writerows([p.post_id, LABELS[i % 3]] for i, p in enumerate(labelled))
+    report = build_dataset([dump], tmp_path / "ds", "weibo", image_root=tmp_path / "images",
+                           label_source=label_file, labels=LABELS, seed=0)
+    assert report["read"] == 200 and report["kept"] == 30
+    assert report["read"] == report["kept"] + report["quarantined"]
+    reasons = report["quarantine_reasons"]
+    assert reasons["label_missing"] == 10  # images present, no label
+    assert reasons["image_missing"] + reasons.get("empty_post", 0) == 200 - 40
+    validate_dataset(tmp_path / "ds")
+    rows = _rows_of(tmp_path / "ds")
+    assert {r["post_id"] for r in rows} == {p.post_id for p in with_images[:30]}
+    assert all("http" not in r["text"] and "网页链接" not in r["text"] and "&amp;" not in r["text"] for r in rows)
+    assert any("& 更多" in r["text"] for r in rows)  # entities unescaped, not dropped
+    assert all(r["meta_image"].startswith("nonrumor_images/") and r["meta_publish_time"] > 10**12 for r in rows)
+
+
+def test_weibo_parser_resynchronises_after_garbage_in_a_generated_dump(tmp_path):
+    good = _weibo_lines(2)
+    path = tmp_path / "dump.txt"
+    path.write_text("\n".join(["garbage line", "more garbage", *good[:3], good[3], *good[3:6]]), encoding="utf-8")
+    parsed = list(parse_weibo_dump(path))
+    assert isinstance(parsed[0], BadWeiboRecord) and parsed[0].line == 1
+    assert isinstance(parsed[1], WeiboPost) and parsed[1].line == 3
+    assert isinstance(parsed[2], BadWeiboRecord)  # a meta line directly followed by another
+    assert isinstance(parsed[3], WeiboPost) and parsed[3].post_id == good[3].split("|")[0]
 
 
 def _weibo_files(corpus: Path) -> list[Path]:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import re
 from collections import Counter
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +18,7 @@ from PIL import Image
 from sgmft.data.labels import DEFAULT_LABELS
 from sgmft.data.preprocess import PreprocessSpec, preprocess_batch
 from sgmft.data.schema import DatasetError, split_files, validate_dataset
+from sgmft.data import synth
 from sgmft.data.synth import TEXT_BANKS, cue_words, synthesize
 
 
@@ -124,11 +128,66 @@ def test_fusion_beats_each_modality_alone(synth_1000):
     assert both > max(text_only, image_only) + 0.1, (text_only, image_only, both)
 
 
-def test_works_without_the_corpus(tmp_path):
-    report = synthesize(tmp_path / "ds", n=40, seed=0, text_noise=0.5, image_noise=0.2, image_swap=0.1,
-                        image_size=32, corpus_dir=tmp_path / "no-corpus-here")
-    assert report["noise_text"]["source"] == "builtin"
-    validate_dataset(tmp_path / "ds")
+# The digest of :func:`_canonical_rows` for DIGEST_ARGS; see test_a_small_set_has_a_pinned_digest.
+DIGEST_ARGS = dict(n=40, seed=11, text_noise=0.5, image_noise=0.2, image_swap=0.1, image_size=32, rows_per_shard=16)
+ROWS_SHA256 = "8178c0681290888580fa7f5f0a8cf42af1dbdb6d93c6ca0d60cb583c3724ba98"
+IMAGES_SHA256 = "bb4b2aa1d94e5d8737aa70c51c496132d4d8391929a9e304bda6547da69c7616"
+
+
+def _canonical_rows(root: Path) -> tuple[str, str]:
+    """sha256 of the rows without their images, and of the image bytes, in split/shard/row order.
+
+    Row contents, not Parquet file bytes: the files also hold the pyarrow version that
+    wrote them, so their bytes change with pyarrow while the dataset does not.
+    """
+    rows, images = hashlib.sha256(), hashlib.sha256()
+    for row in _rows(root):
+        image = row.pop("image")
+        rows.update(json.dumps(row, ensure_ascii=False, sort_keys=True).encode("utf-8") + b"\n")
+        images.update(hashlib.sha256(image).digest())
+    return rows.hexdigest(), images.hexdigest()
+
+
+def test_a_small_set_has_a_pinned_digest(tmp_path):
+    """The same arguments give the same dataset on every machine and every clone.
+
+    Two constants, so a failure says what moved: ROWS_SHA256 covers post_id, text, label,
+    split and meta columns (numpy's seeded generators and the packaged chatter alone
+    decide them); IMAGES_SHA256 covers the encoded image bytes, which also depend on the
+    encoders Pillow bundles (libjpeg-turbo, libwebp, zlib): a Pillow upgrade that changes
+    its encoders' output changes it, and then the constant is recomputed on purpose.
+    """
+    report = synthesize(tmp_path / "ds", **DIGEST_ARGS)
+    assert report["noise_text"]["source"] == "sgmft.data/chatter_zh.txt"
+    rows_sha, images_sha = _canonical_rows(tmp_path / "ds")
+    assert rows_sha == ROWS_SHA256, "post ids, texts, labels, splits or meta changed"
+    assert images_sha == IMAGES_SHA256, "image bytes changed (drawing, seeds or Pillow's encoders)"
+
+
+def test_chatter_ships_with_the_package_and_names_no_place():
+    text = resources.files("sgmft.data").joinpath("chatter_zh.txt").read_text(encoding="utf-8")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    assert 150 <= len(lines) <= 300 and len(set(lines)) == len(lines)
+    # Cue words of every curated category, and the fallback bank of uncurated labels.
+    banned = set(cue_words(DEFAULT_LABELS)) | set(synth._bank("some-label").activities)
+    for line in lines:
+        assert not [w for w in banned if w in line], line
+        assert "http" not in line and len(line) <= 140, line
+    sentences, source = synth.chatter_sentences(DEFAULT_LABELS)
+    assert sentences == lines and source == "sgmft.data/chatter_zh.txt"
+    # A label whose name is an everyday word drops the chatter that says it.
+    custom, _ = synth.chatter_sentences(["天气", "home"])
+    assert custom and not any("天气" in s for s in custom) and len(custom) < len(lines)
+
+
+def test_product_code_reads_nothing_beside_the_repository():
+    """No module of sgmft/, serve_app/ or jobs/ builds a path into ../shared (absent on a clone)."""
+    repo = Path(__file__).resolve().parents[1]
+    quoted = re.compile(r"""["']shared["']|\.\./shared|SGMFT_CORPUS""")
+    offenders = [f"{path.relative_to(repo)}:{i}" for folder in ("sgmft", "serve_app", "jobs")
+                 for path in sorted((repo / folder).rglob("*.py"))
+                 for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if quoted.search(line)]
+    assert offenders == []
 
 
 def test_custom_labels_and_bad_arguments(tmp_path):

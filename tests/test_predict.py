@@ -1,7 +1,12 @@
-"""Batch prediction on Ray Data keeps every row; one-post prediction from the CLI."""
+"""Batch prediction on Ray Data keeps every row; one-post prediction from the CLI.
+
+Images are generated (tests/hostile_images.py); the same checks also run on the workshop
+corpus where it exists next to the repository.
+"""
 
 import json
 
+import hostile_images as hi
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -21,12 +26,25 @@ def model_dir(tmp_path_factory):
     return save_model_dir(tmp_path_factory.mktemp("model") / "m", build_model(cfg.model), cfg, DEFAULT_LABELS, {"version": "t1"})
 
 
-def test_batch_prediction_writes_every_row_and_reconciles(ray_cluster, tmp_path, model_dir, corpus):
+def images_of(source: str) -> dict[str, bytes]:
+    """Good and bad images by role: generated in memory, or files of the workshop corpus."""
+    if source == "generated":
+        return {"jpeg": hi.good_jpeg(), "webp": hi.good_webp(), "transparent_png": hi.rgba_png(),
+                "truncated_jpeg": hi.truncated_jpeg(), "bomb": hi.decompression_bomb_gif(),
+                "undecodable": hi.not_an_image_random()}
+    images = hi.require_corpus() / "images"
+    files = {"jpeg": "hopper.jpg", "webp": "flower.webp", "transparent_png": "transparent.png",
+             "truncated_jpeg": "truncated_jpeg.jpg", "bomb": "decompression_bomb.gif", "undecodable": "broken.png"}
+    return {role: (images / name).read_bytes() for role, name in files.items()}
+
+
+@pytest.mark.parametrize("source", ["generated", "corpus"])
+def test_batch_prediction_writes_every_row_and_reconciles(ray_cluster, tmp_path, model_dir, source):
     from sgmft.predict import predict_dataset
 
-    images = corpus / "images"
-    good = [(images / name).read_bytes() for name in ("hopper.jpg", "flower.webp", "transparent.png")]
-    bad = [b"not an image at all", (images / "truncated_jpeg.jpg").read_bytes(), (images / "decompression_bomb.gif").read_bytes()]
+    images = images_of(source)
+    good = [images["jpeg"], images["webp"], images["transparent_png"]]
+    bad = [b"not an image at all", images["truncated_jpeg"], images["bomb"]]
     rows = good * 10 + bad
     table = pa.table({"post_id": [f"p{i}" for i in range(len(rows))], "text": ["在商场吃饭"] * len(rows),
                       "image": pa.array(rows, type=pa.binary())})
@@ -50,13 +68,17 @@ def test_batch_prediction_writes_every_row_and_reconciles(ray_cluster, tmp_path,
         predict_dataset(model_dir, tmp_path / "in", tmp_path / "out")
 
 
-def test_one_post_from_the_cli(model_dir, corpus, capsys):
+@pytest.mark.parametrize("source", ["generated", "corpus"])
+def test_one_post_from_the_cli(model_dir, source, tmp_path, capsys):
     from sgmft.cli import main
 
-    assert main(["predict", "--model", str(model_dir), "--text", "今天在医院排队", "--image", str(corpus / "images" / "hopper.jpg")]) == 0
+    images = images_of(source)
+    (tmp_path / "good.jpg").write_bytes(images["jpeg"])
+    (tmp_path / "broken.png").write_bytes(images["undecodable"])
+    assert main(["predict", "--model", str(model_dir), "--text", "今天在医院排队", "--image", str(tmp_path / "good.jpg")]) == 0
     answer = json.loads(capsys.readouterr().out)
     assert answer["label"] in DEFAULT_LABELS and answer["model_version"] == "t1"
     probabilities = [t["probability"] for t in answer["top_k"]]
     assert len(probabilities) == 3 and probabilities == sorted(probabilities, reverse=True) and answer["top_k"][0]["label"] == answer["label"]
-    assert main(["predict", "--model", str(model_dir), "--text", "x", "--image", str(corpus / "images" / "broken.png")]) == 2
+    assert main(["predict", "--model", str(model_dir), "--text", "x", "--image", str(tmp_path / "broken.png")]) == 2
     assert "image_" in capsys.readouterr().err

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+import hostile_images as hi
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -41,7 +42,7 @@ def test_torch_batches_have_the_right_shapes_and_every_row(ray_cluster, dataset)
         assert set(batch) == {"input_ids", "pixel_values", "label_id"}
         n = len(batch["label_id"])
         assert batch["input_ids"].dtype == torch.int64 and batch["input_ids"].shape == (n, 24)
-        assert batch["pixel_values"].dtype == torch.float32 and batch["pixel_values"].shape == (n, 3, 32, 32)
+        assert batch["pixel_values"].dtype == torch.uint8 and batch["pixel_values"].shape == (n, 3, 32, 32)  # normalised on the device
         assert batch["label_id"].dtype == torch.int64
         assert torch.isfinite(batch["pixel_values"]).all() and (batch["input_ids"][:, 0] == 101).all()
         seen.update(batch["label_id"].tolist())
@@ -59,11 +60,15 @@ def test_keep_ids_returns_every_post_once(ray_cluster, dataset):
     assert sorted(ids) == sorted(r["post_id"] for r in _parquet_rows(dataset, "val"))
 
 
-def test_bad_images_are_recorded_or_raise_naming_the_post(ray_cluster, tmp_path, corpus):
+@pytest.mark.parametrize("source", ["generated", "corpus"])
+def test_bad_images_are_recorded_or_raise_naming_the_post(ray_cluster, tmp_path, source):
     from sgmft.ray_data import split_dataset
 
-    good = (corpus / "images" / "hopper.jpg").read_bytes()
-    bad = (corpus / "images" / "truncated_jpeg.jpg").read_bytes()
+    if source == "generated":
+        good, bad = hi.good_jpeg(), hi.truncated_jpeg()
+    else:  # the workshop corpus, where it exists
+        images = hi.require_corpus() / "images"
+        good, bad = (images / "hopper.jpg").read_bytes(), (images / "truncated_jpeg.jpg").read_bytes()
     rows = [{"post_id": f"p{i}", "text": "文本", "image": bad if i == 7 else good, "label": "a"} for i in range(20)]
     write_split(rows, tmp_path, "test", rows_per_shard=10)
     ds = split_dataset(tmp_path, "test", SPEC, ["a"], on_error="record", keep_ids=True)

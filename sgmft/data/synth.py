@@ -2,9 +2,9 @@
 
 Each post gets a label, then two independent draws decide its modalities:
 - text: with probability ``1 - text_noise`` a Chinese sentence from the label's phrase
-  bank (place words, activities, emoji, hashtags); otherwise neutral chatter: real Weibo
-  posts from the shared corpus (URLs stripped, posts naming any place or activity of any
-  category left out) or built-in sentences when the corpus is absent;
+  bank (place words, activities, emoji, hashtags); otherwise neutral chatter: everyday
+  sentences shipped with the package (``chatter_zh.txt``; any naming a place or activity
+  of any category left out), so the dataset is the same on every machine;
 - image: with probability ``image_noise`` a neutral image (muted colours, random blobs),
   with ``image_swap`` the image of another category, otherwise the label's own picture
   (a hue, a shape and a texture per category, learnable by a tiny ViT at 32 px).
@@ -19,12 +19,13 @@ size) leaves the others as they were.
 from __future__ import annotations
 
 import colorsys
+import functools
 import hashlib
 import io
-import os
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,7 +35,6 @@ from PIL import Image, ImageDraw
 
 from sgmft.data import schema
 from sgmft.data.labels import DEFAULT_LABELS, check_labels
-from sgmft.data.weibo import BadWeiboRecord, clean_text, parse_weibo_dump
 
 if TYPE_CHECKING:
     from sgmft.config import SynthConfig
@@ -99,17 +99,9 @@ FEELINGS = ("好开心", "累瘫了", "心情不错", "有点无聊", "太值了
 FEELINGS_2 = ("太舒服了", "人好多", "太挤了", "氛围感拉满", "一言难尽", "越来越好了")
 EMOJI = ("😊", "😂", "🙈", "👍", "😭", "✨", "[哈哈]", "[心]", "[doge]", "[微笑]", "[泪]", "")
 
-BUILTIN_CHATTER = (
-    "今天天气真好，心情也跟着好起来了", "有没有人一起聊聊天", "最近好累啊，想好好睡一觉",
-    "这首歌单曲循环了一整天🎵", "求推荐几本好看的书", "晚安，好梦🌙", "又是元气满满的一天！",
-    "生活需要一点仪式感", "转发这条锦鲤，好运连连", "突然好想念小时候的夏天",
-    "有些话说出来就不灵了", "今天也要加油鸭", "谁懂啊，这个表情包太好笑了[笑cry]",
-    "年纪越大越喜欢安静", "愿所有的美好都如期而至", "冷知识：章鱼有三颗心脏",
-    "朋友圈都在晒什么呢", "追的剧终于更新了", "这个月的目标：早睡早起", "下雨天适合发呆",
-    "今天的晚霞好美，可惜没拍下来", "人间值得", "明天会更好的", "手机快没电了，先这样吧",
-    "看到一句话很喜欢：慢慢来，比较快", "有点想吃甜的", "这届网友太有才了哈哈哈",
-    "记录一下今天的小确幸", "新的一周，新的开始", "好久没更新微博了，冒个泡",
-)
+CHATTER_FILE = "chatter_zh.txt"
+"""Package data of :mod:`sgmft.data`: one neutral Weibo-style sentence per line, written
+for this project (weather, moods, memes), naming no place or activity of any category."""
 
 
 def cue_words(labels: Sequence[str]) -> list[str]:
@@ -131,35 +123,30 @@ def _bank(label: str) -> TextBank:
     return TEXT_BANKS.get(label) or TextBank((label, f"{label}附近"), ("打卡", "待了一下午", "见朋友"), (f"#{label}#",))
 
 
-def default_corpus_dir() -> Path:
-    """The shared Weibo corpus next to the repository (overridable with $SGMFT_CORPUS)."""
-    root = os.environ.get("SGMFT_CORPUS")
-    base = Path(root) if root else Path(__file__).resolve().parents[3] / "shared" / "corpus"
-    return base / "weibo-rumor-2017"
+@functools.lru_cache(maxsize=1)
+def _chatter_lines() -> tuple[str, ...]:
+    text = resources.files("sgmft.data").joinpath(CHATTER_FILE).read_text(encoding="utf-8")
+    return tuple(line.strip() for line in text.splitlines() if line.strip())
 
 
-def noise_sentences(corpus_dir: Path | None, labels: Sequence[str], max_chars: int = 140) -> tuple[list[str], str]:
-    """Real Weibo posts usable as no-cue chatter, in file order, and where they came from.
+def chatter_sentences(labels: Sequence[str], max_chars: int = 140) -> tuple[list[str], str]:
+    """The packaged chatter usable as no-cue text for ``labels``, in file order, and its source.
 
-    Falls back to built-in sentences when the corpus is absent so the generator works on
-    any machine; the report records which source (and a digest of it) was used.
+    Sentences holding any cue word of ``labels`` (or of any curated category) are left
+    out, so custom labels never leak into noise text; the report records the source and
+    a digest of the sentences used.
     """
-    files = sorted(corpus_dir.glob("*.txt")) if corpus_dir and corpus_dir.is_dir() else []
-    files = [f for f in files if f.name != "readme.txt"]
     banned = cue_words(labels)
     sentences: list[str] = []
     seen: set[str] = set()
-    for path in files:
-        for post in parse_weibo_dump(path):
-            if isinstance(post, BadWeiboRecord):
-                continue
-            text = clean_text(post.text)[:max_chars]
-            if len(text) >= 8 and text not in seen and not any(w in text for w in banned):
-                seen.add(text)
-                sentences.append(text)
+    for line in _chatter_lines():
+        text = line[:max_chars]
+        if text not in seen and not any(w in text for w in banned):
+            seen.add(text)
+            sentences.append(text)
     if not sentences:
-        return list(BUILTIN_CHATTER), "builtin"
-    return sentences, f"{corpus_dir.name} ({', '.join(f.name for f in files)})"
+        raise schema.DatasetError(f"synthesize: every sentence of {CHATTER_FILE} names a cue word of the labels")
+    return sentences, f"sgmft.data/{CHATTER_FILE}"
 
 
 def _pick(rng: np.random.Generator, options: Sequence[str]) -> str:
@@ -355,16 +342,12 @@ def synthesize(
     val_frac: float = 0.1,
     test_frac: float = 0.1,
     rows_per_shard: int = schema.DEFAULT_ROWS_PER_SHARD,
-    corpus_dir: str | Path | None = None,
     overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Write a synthetic dataset to ``out_dir``; return (and save) its report.
-
-    ``corpus_dir`` is the Weibo dump folder used for chatter (default: the shared corpus).
-    """
+    """Write a synthetic dataset to ``out_dir``; return (and save) its report."""
     labels = check_labels(labels)
     _check_args(n, text_noise, image_noise, image_swap, image_size, labels)
-    sentences, text_source = noise_sentences(Path(corpus_dir) if corpus_dir else default_corpus_dir(), labels)
+    sentences, text_source = chatter_sentences(labels)
     out = schema.prepare_output_dir(out_dir, overwrite)
 
     # Balanced classes: each label n // K or n // K + 1 times, in a seeded order.
