@@ -15,6 +15,7 @@ Goals: data wait under 10% in every epoch; Ray Train at least 0.8x the bare step
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 from pathlib import Path
 
@@ -81,7 +82,10 @@ def run(quick: bool = False, dry_run: bool = False) -> dict:
                   + f"; bare step {measured.get('bare_step_samples_per_s', float('nan')):.0f}; resumed {measured['resumed_after_crash']}",
                   flush=True)
     result["resumed_after_crash"] = all(p["resumed_after_crash"] for p in result["policies"].values())
-    save("gpu_train_dry_run" if dry_run else "gpu_train", result)
+    if dry_run:
+        print(json.dumps(result, indent=2))  # a check of the script, not a result to keep
+    else:
+        save("gpu_train", result)
     return result
 
 

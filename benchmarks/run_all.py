@@ -57,7 +57,7 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     m = summary["results"].get("train_throughput", {}).get("machine", summary["machine"]) if args.summarize_only else summary["machine"]
-    lines = [f"# Benchmark summary\n", f"{m['date']} on {m['cpu_count']} CPUs ({m['processor']}), GPU: {m['gpu']}, "
+    lines = ["# Benchmark summary\n", f"{m['date']} on {m['cpu_count']} CPUs ({m['processor']}), GPU: {m['gpu']}, "
              f"Python {m['python']}, torch {m['torch']}, Ray {m['ray']}\n", "| benchmark | headline |", "|---|---|"]
     for name, r in summary["results"].items():
         text = r.get("skipped") or (f"error: {r['error']}" if "error" in r else headline(name, r))

@@ -1,21 +1,19 @@
-"""Closed-loop HTTP load on the Serve app at concurrency 1, 8 and 32 (not a test).
+"""What users of the Serve app see: closed-loop HTTP load against the in-process baseline.
 
-    .venv/bin/python -m benchmarks.serve_load [--quick] [--haproxy]
+    python -m benchmarks.serve_load [--quick] [--haproxy]     CPU: tiny demo model
+    python -m benchmarks.serve_load --gpu                     GPU: ViT-B-16 bf16, writes gpu_serve.json
 
-Compares, side by side in one run on the same machine, at the ``small`` preset (random init):
+Posts are photo-sized JPEGs (640x480, made from the workshop corpus images where
+../shared/corpus exists, else drawn by the synthetic generator) with Weibo-like texts, sent
+as JSON with base64 images by clients in several processes (closed loop: each client sends
+its next post when the last one is answered), at concurrency 1 to 512. Side by side in the
+same run, on the same cores:
 
-- ``serve_batched``: the Serve app over HTTP on 127.0.0.1 with dynamic batching on
-  (max_batch_size 32);
-- ``serve_unbatched``: the same app with max_batch_size 1;
-- ``inprocess``: preprocess + forward in this process, no HTTP and no Serve; at
-  concurrency c it handles c posts as one batch, the ideal that dynamic batching
-  approximates (at c = 1: one plain call).
+- ``serve``: the app as ``sgmft serve`` builds it, over HTTP on 127.0.0.1;
+- ``inprocess``: decode + tokenise + forward of the same posts in this process, one post
+  per call on one thread (what one post costs without serving), and the same in batches.
 
-Each configuration gets one model replica with one CPU (one torch thread), and the
-in-process baseline uses one torch thread too, so the comparison is of serving paths, not
-of compute. Both apps are deployed side by side and the points are interleaved by
-concurrency, so drifting machine load hits every mode alike. Posts are real Weibo texts and corpus images, sent as JSON with base64 images.
-Writes benchmarks/results/serve_load.json and serve_load.png (latency vs concurrency).
+Writes benchmarks/results/serve_load.json (CPU) or gpu_serve.json (GPU).
 """
 
 from __future__ import annotations
@@ -23,36 +21,39 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import io
 import os
 import statistics
 import tempfile
 import time
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
+from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import RESULTS, save
+from benchmarks.common import save
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
-CONCURRENCY = (1, 8, 32)
-IMAGES = ("hopper.jpg", "flower.jpg", "pil_sample_rgb.jpg", "hopper.png", "transparent.png", "hopper.webp",
-          "rgb.jpg", "flower2.jpg")
-FALLBACK_TEXTS = ("今天在公司加班到很晚，楼下的咖啡店都关门了", "周末带孩子去公园看花", "医院排队三个小时", "机场延误，坐在候机厅发呆")
-BATCHED, UNBATCHED, INPROCESS = "serve_batched", "serve_unbatched", "inprocess"
+PHOTO_SIZE = (640, 480)
+CORPUS_PHOTOS = ("hopper.jpg", "flower.jpg", "flower2.jpg", "pil_sample_rgb.jpg", "rgb.jpg", "hopper.png",
+                 "hopper.webp", "transparent.png")
 
 
 @dataclass
 class Point:
     mode: str
     concurrency: int
-    duration_s: float
-    requests: int
+    seconds: float
+    posts: int
     errors: int
-    throughput_rps: float
+    statuses: dict[str, int]
+    posts_per_s: float
     p50_ms: float
     p95_ms: float
     p99_ms: float
-    mean_batch_size: float
+    mean_batch: float
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -60,278 +61,315 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))] if ordered else float("nan")
 
 
-def make_point(mode: str, concurrency: int, elapsed: float, latencies: list[float], errors: int, batch_sizes: list[int]) -> Point:
+def make_point(mode: str, concurrency: int, seconds: float, latencies: list[float], statuses: Counter,
+               batches: list[int]) -> Point:
     ms = [x * 1000 for x in latencies]
-    return Point(mode, concurrency, round(elapsed, 2), len(latencies), errors, len(latencies) / elapsed,
-                 percentile(ms, 50), percentile(ms, 95), percentile(ms, 99),
-                 statistics.fmean(batch_sizes) if batch_sizes else float("nan"))
+    errors = sum(n for code, n in statuses.items() if code != "200")
+    return Point(mode, concurrency, round(seconds, 2), len(latencies), errors, dict(statuses), len(latencies) / seconds,
+                 percentile(ms, 50), percentile(ms, 95), percentile(ms, 99), statistics.fmean(batches) if batches else 0.0)
 
 
-def posts() -> list[dict[str, Any]]:
-    """Real inputs: Weibo texts of the shared corpus and images Pillow decodes."""
-    texts: list[str] = []
+# --- the posts -----------------------------------------------------------------------
+
+def _as_photo(image) -> bytes:
+    """A 640x480 JPEG (quality 90) of ``image``, cropped to 4:3 and resized as a phone would."""
+    from PIL import Image, ImageOps
+
+    photo = ImageOps.fit(image.convert("RGB"), PHOTO_SIZE, Image.Resampling.BICUBIC)
+    buffer = io.BytesIO()
+    photo.save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def photos(n: int = 8) -> tuple[list[bytes], str]:
+    from PIL import Image
+
+    found = [CORPUS / "images" / name for name in CORPUS_PHOTOS if (CORPUS / "images" / name).is_file()]
+    if found:
+        return [_as_photo(Image.open(path)) for path in found], "corpus images"
+    import numpy as np
+
+    from sgmft.data.synth import category_style, draw_category_image
+
+    return [_as_photo(draw_category_image(np.random.default_rng(i), category_style(i % 10, 10), 480)) for i in range(n)], \
+        "synthetic images"
+
+
+def texts(n: int = 64) -> tuple[list[str], str]:
     try:
         from sgmft.data.weibo import WeiboPost, parse_weibo_dump
 
-        texts = [p.text for p in parse_weibo_dump(CORPUS / "weibo-rumor-2017" / "test_nonrumor.txt")
-                 if isinstance(p, WeiboPost) and p.text][:64]
-    except (ImportError, OSError):
+        found = [p.text for p in parse_weibo_dump(CORPUS / "weibo-rumor-2017" / "test_nonrumor.txt")
+                 if isinstance(p, WeiboPost) and p.text][:n]
+        if found:
+            return found, "corpus Weibo posts"
+    except OSError:
         pass
-    texts = texts or list(FALLBACK_TEXTS)
-    images = [(CORPUS / "images" / name).read_bytes() for name in IMAGES]
-    return [{"text": texts[i % len(texts)], "image": images[i % len(images)]} for i in range(max(len(texts), len(images)))]
+    import numpy as np
+
+    from sgmft.data.labels import DEFAULT_LABELS
+    from sgmft.data.synth import chatter_sentences, cue_text
+
+    chatter, _ = chatter_sentences(DEFAULT_LABELS)
+    rng = np.random.default_rng(0)
+    return [cue_text(rng, DEFAULT_LABELS[i % 10]) if i % 2 else chatter[i] for i in range(n)], "synthetic texts"
 
 
-def make_model_dir(root: Path) -> Path:
+# --- clients, in processes -------------------------------------------------------------
+
+async def _closed_loop(url: str, payloads: list[dict], concurrency: int, duration_s: float, offset: int,
+                       headers: dict[str, str]) -> tuple[list[float], Counter, list[int], float]:
+    import httpx
+
+    latencies: list[float] = []
+    statuses: Counter = Counter()
+    batches: list[int] = []
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=60.0, limits=limits, trust_env=False, headers=headers) as client:
+        start = time.perf_counter()
+        deadline = start + duration_s
+
+        async def one_client(k: int) -> None:
+            i = offset + k
+            while time.perf_counter() < deadline:
+                t0 = time.perf_counter()
+                try:
+                    r = await client.post(url, json=payloads[i % len(payloads)])
+                    statuses[str(r.status_code)] += 1
+                    if r.status_code == 200:
+                        latencies.append(time.perf_counter() - t0)
+                        batches.append(r.json()["batch_size"])
+                except httpx.HTTPError as exc:
+                    statuses[type(exc).__name__] += 1
+                i += concurrency
+
+        await asyncio.gather(*(one_client(k) for k in range(concurrency)))
+        return latencies, statuses, batches, time.perf_counter() - start
+
+
+def client_process(url: str, payloads: list[dict], concurrency: int, duration_s: float, offset: int,
+                   headers: dict[str, str]) -> tuple[list[float], Counter, list[int], float]:
+    return asyncio.run(_closed_loop(url, payloads, concurrency, duration_s, offset, headers))
+
+
+def http_point(pool: ProcessPoolExecutor, processes: int, url: str, payloads: list[dict], concurrency: int,
+               duration_s: float, mode: str = "serve", headers: dict[str, str] | None = None) -> Point:
+    """``concurrency`` clients spread over up to ``processes`` client processes."""
+    shares = [concurrency // processes + (1 if k < concurrency % processes else 0) for k in range(processes)]
+    futures = [pool.submit(client_process, url, payloads, share, duration_s, 1000 * k, headers or {})
+               for k, share in enumerate(shares) if share]
+    latencies, statuses, batches, seconds = [], Counter(), [], 0.0
+    for future in futures:
+        lat, st, ba, elapsed = future.result()
+        latencies += lat
+        statuses.update(st)
+        batches += ba
+        seconds = max(seconds, elapsed)
+    return make_point(mode, concurrency, seconds, latencies, statuses, batches)
+
+
+# --- the in-process baseline -------------------------------------------------------------
+
+def inprocess_point(runner, posts: list[dict], batch: int, duration_s: float) -> Point:
+    """Decode + tokenise + forward + top-k of ``batch`` posts per call, in this process."""
+    from sgmft.data.preprocess import preprocess_batch
+
+    runner.warmup(batch)
+    latencies: list[float] = []
+    start = time.perf_counter()
+    i = 0
+    while time.perf_counter() - start < duration_s:
+        chunk = [posts[(i + k) % len(posts)] for k in range(batch)]
+        t0 = time.perf_counter()
+        inputs = preprocess_batch({"text": [p["text"] for p in chunk], "image": [p["image"] for p in chunk]}, runner.spec)
+        runner.top_k(runner.probabilities(inputs["input_ids"], inputs["pixel_values"]), 3)
+        latencies += [time.perf_counter() - t0] * batch  # every post of the batch waits for all of it
+        i += batch
+    return make_point(f"inprocess_batch{batch}", batch, time.perf_counter() - start, latencies,
+                      Counter({"200": len(latencies)}), [batch] * len(latencies))
+
+
+def forward_only_posts_per_s(runner, batch: int, repeats: int = 20) -> float:
+    """The model alone on device-resident inputs (what the card computes); GPU only."""
+    import torch
+
+    from sgmft.inference import autocast
+
+    size, length = runner.spec.image_size, runner.spec.context_length
+    ids = torch.randint(1000, 20000, (batch, length), device=runner.device)
+    pixels = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=runner.device)
+    with torch.inference_mode(), autocast(runner.device):
+        for _ in range(3):
+            runner.loaded.model(ids, pixels)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            runner.loaded.model(ids, pixels).logits.float()
+        torch.cuda.synchronize()
+    return batch * repeats / (time.perf_counter() - start)
+
+
+# --- the app -------------------------------------------------------------------------------
+
+def make_model_dir(root: Path, preset: str) -> Path:
     from sgmft.checkpoint import save_model_dir
     from sgmft.config import Config, model_config_for
     from sgmft.data.labels import DEFAULT_LABELS
     from sgmft.models.sgmft import build_model
 
     cfg = Config()
-    cfg.model = model_config_for("small", num_labels=len(DEFAULT_LABELS))
-    return save_model_dir(root / "small-bench", build_model(cfg.model, load_pretrained=False), cfg, DEFAULT_LABELS,
-                          {"version": "small-bench"})
+    cfg.model = model_config_for(preset, num_labels=len(DEFAULT_LABELS))
+    return save_model_dir(root / f"{preset}-bench", build_model(cfg.model, load_pretrained=False), cfg, DEFAULT_LABELS,
+                          {"version": f"{preset}-bench"})
 
 
-# --- the two sides ------------------------------------------------------------------
-
-async def closed_loop(url: str, payloads: list[dict[str, str]], concurrency: int, duration_s: float, mode: str) -> Point:
-    """``concurrency`` clients, each sending its next request as soon as the last one answers."""
-    import httpx
-
-    latencies: list[float] = []
-    batch_sizes: list[int] = []
-    errors = 0
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(timeout=60.0, limits=limits, trust_env=False) as client:
-        start = time.perf_counter()
-        deadline = start + duration_s
-
-        async def worker(offset: int) -> None:
-            nonlocal errors
-            i = offset
-            while time.perf_counter() < deadline:
-                t0 = time.perf_counter()
-                try:
-                    r = await client.post(url, json=payloads[i % len(payloads)])
-                    ok = r.status_code == 200
-                except httpx.HTTPError:
-                    ok = False
-                if ok:
-                    latencies.append(time.perf_counter() - t0)
-                    batch_sizes.append(r.json()["batch_size"])
-                else:
-                    errors += 1
-                i += concurrency
-
-        await asyncio.gather(*(worker(k) for k in range(concurrency)))
-        elapsed = time.perf_counter() - start
-    return make_point(mode, concurrency, elapsed, latencies, errors, batch_sizes)
-
-
-class InProcess:
-    """Preprocess ``concurrency`` posts and forward them as one batch, in this process."""
-
-    def __init__(self, model_dir: Path):
-        from serve_app.model import ModelRunner
-
-        self.runner = ModelRunner(str(model_dir), device="cpu")
-
-    def point(self, items: list[dict[str, Any]], concurrency: int, duration_s: float) -> Point:
-        from sgmft.data.preprocess import preprocess_batch
-
-        runner = self.runner
-        runner.warmup(concurrency)
-        latencies: list[float] = []
-        start = time.perf_counter()
-        i = 0
-        while time.perf_counter() - start < duration_s:
-            chunk = [items[(i + k) % len(items)] for k in range(concurrency)]
-            t0 = time.perf_counter()
-            inputs = preprocess_batch({"text": [p["text"] for p in chunk], "image": [p["image"] for p in chunk]}, runner.spec)
-            runner.top_k(runner.probabilities(inputs["input_ids"], inputs["pixel_values"]), 3)
-            latencies += [time.perf_counter() - t0] * concurrency  # every post of the batch waits for all of it
-            i += concurrency
-        elapsed = time.perf_counter() - start
-        return make_point(INPROCESS, concurrency, elapsed, latencies, 0, [concurrency] * len(latencies))
-
-
-def deploy(model_dir: Path, mode: str) -> str:
-    """One app per mode, side by side (route /<mode>), so the points can be interleaved."""
+def deploy(model_dir: Path, name: str, overrides: list[str]) -> str:
     from ray import serve
 
-    from sgmft.config import Config
     from serve_app.app import build_app
+    from sgmft.config import load_config
 
-    cfg = Config()
-    s = cfg.serve
-    s.model_dir = str(model_dir)
-    s.max_batch_size = 32 if mode == BATCHED else 1
-    # Under load the next batch fills while the current one runs, so a short wait costs
-    # throughput nothing and keeps the concurrency-1 latency low.
-    s.batch_wait_timeout_s = 0.002
-    s.max_ongoing_requests = 64
-    s.min_replicas = s.max_replicas = 1
-    s.num_cpus_per_replica = 1.0
-    serve.run(build_app(cfg), name=mode, route_prefix=f"/{mode}")
-    return f"/{mode}/v1/predict"
+    cfg = load_config(None, [f"serve.model_dir={model_dir}", *overrides])
+    serve.run(build_app(cfg), name=name, route_prefix=f"/{name}")
+    return f"/{name}"
 
 
-def hop_latencies(port: int, n: int = 100) -> dict[str, float]:
-    """p50 of the serving path's pieces without the model: HTTP + proxy + ingress (GET /healthz)
-    and one handle call to the model deployment (its ``info``)."""
+def wait_healthy(base: str, timeout_s: float = 300.0) -> None:
     import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{base}/healthz", timeout=5.0, trust_env=False).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{base} did not become healthy in {timeout_s:.0f}s")
+
+
+def autoscaling_check(pool, processes, url_base: str, payloads, app: str, load_s: float, idle_s: float) -> dict[str, Any]:
+    """Replicas of the model deployment under load and after it: 1 -> 2 -> 1 expected."""
     from ray import serve
 
     from serve_app.app import MODEL_NAME
 
-    def p50_ms(call) -> float:
-        times = []
-        for _ in range(n):
-            t0 = time.perf_counter()
-            call()
-            times.append(time.perf_counter() - t0)
-        return percentile([t * 1000 for t in times], 50)
+    def running() -> int:
+        status = serve.status().applications[app].deployments[MODEL_NAME]
+        return sum(n for state, n in status.replica_states.items() if str(getattr(state, "value", state)) == "RUNNING")
 
-    handle = serve.get_deployment_handle(MODEL_NAME, BATCHED)
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}/{BATCHED}", trust_env=False, timeout=30.0) as http:
-        return {"http_healthz_p50_ms": p50_ms(lambda: http.get("/healthz").raise_for_status()),
-                "handle_call_p50_ms": p50_ms(lambda: handle.info.remote().result())}
-
-
-# --- report -------------------------------------------------------------------------
-
-def by(points: list[Point], mode: str, concurrency: int) -> Point:
-    return next(p for p in points if p.mode == mode and p.concurrency == concurrency)
+    before = running()
+    future = pool.submit(client_process, f"{url_base}/v1/predict", payloads, 64, load_s, 0, {})
+    peak, deadline = before, time.monotonic() + load_s
+    while time.monotonic() < deadline:
+        peak = max(peak, running())
+        time.sleep(1.0)
+    _, statuses, _, _ = future.result()
+    time.sleep(idle_s)
+    return {"replicas_before": before, "replicas_peak": peak, "replicas_after_idle": running(), "statuses": dict(statuses)}
 
 
-def summarize(points: list[Point]) -> dict[str, Any]:
-    c_max = CONCURRENCY[-1]
-    batched, unbatched = by(points, BATCHED, c_max), by(points, UNBATCHED, c_max)
-    c1 = {mode: by(points, mode, 1) for mode in (BATCHED, UNBATCHED, INPROCESS)}
-    ratios = {
-        f"batched_vs_unbatched_throughput_c{c_max}": batched.throughput_rps / unbatched.throughput_rps,
-        **{f"batched_vs_inprocess_throughput_c{c}": by(points, BATCHED, c).throughput_rps / by(points, INPROCESS, c).throughput_rps
-           for c in CONCURRENCY},
-        "overhead_p50_ms_c1_unbatched": c1[UNBATCHED].p50_ms - c1[INPROCESS].p50_ms,
-        "overhead_p50_ms_c1_batched": c1[BATCHED].p50_ms - c1[INPROCESS].p50_ms,
-    }
-    errors = sum(p.errors for p in points)
-    goals = {
-        f"batched >= 3x unbatched throughput at c={c_max}": ratios[f"batched_vs_unbatched_throughput_c{c_max}"] >= 3.0,
-        "HTTP+Serve adds < 5 ms p50 at c=1 (unbatched)": ratios["overhead_p50_ms_c1_unbatched"] < 5.0,
-        "HTTP+Serve adds < 5 ms p50 at c=1 (batched)": ratios["overhead_p50_ms_c1_batched"] < 5.0,
-        "zero errors": errors == 0,
-    }
-    return {"ratios": ratios, "errors": errors, "goals": goals}
+# --- the run -------------------------------------------------------------------------------
 
-
-def table(points: list[Point]) -> str:
-    lines = [f"{'mode':<16}{'conc':>5}{'req/s':>9}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'batch':>7}{'reqs':>7}{'errs':>6}"]
-    for p in points:
-        lines.append(f"{p.mode:<16}{p.concurrency:>5}{p.throughput_rps:>9.1f}{p.p50_ms:>9.1f}{p.p95_ms:>9.1f}"
-                     f"{p.p99_ms:>9.1f}{p.mean_batch_size:>7.1f}{p.requests:>7}{p.errors:>6}")
-    return "\n".join(lines)
-
-
-def plot(points: list[Point], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (lat, thr) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for mode, color in ((BATCHED, "tab:blue"), (UNBATCHED, "tab:orange"), (INPROCESS, "tab:green")):
-        ps = [p for p in points if p.mode == mode]
-        xs = [p.concurrency for p in ps]
-        lat.plot(xs, [p.p50_ms for p in ps], "o-", color=color, label=f"{mode} p50")
-        lat.plot(xs, [p.p95_ms for p in ps], "o--", color=color, alpha=0.6, label=f"{mode} p95")
-        thr.plot(xs, [p.throughput_rps for p in ps], "o-", color=color, label=mode)
-    for ax, ylabel in ((lat, "latency (ms, log)"), (thr, "throughput (posts/s)")):
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(list(CONCURRENCY), [str(c) for c in CONCURRENCY])
-        ax.set_xlabel("concurrent clients (closed loop)")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    lat.set_yscale("log")
-    fig.suptitle("SG-MFT on Ray Serve, small preset, 1 model replica x 1 CPU")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def run(quick: bool = False, haproxy: bool = False) -> dict[str, Any]:
-    """Measure all three modes; write results/serve_load.json and .png; return the results."""
+def run(quick: bool = False, haproxy: bool = False, gpu: bool = False) -> dict[str, Any]:
     import torch
 
     from benchmarks.common import local_ray
+    from sgmft.inference import InferenceRunner
     from sgmft.local_ray import free_port
 
+    if gpu and not torch.cuda.is_available():
+        raise SystemExit("--gpu needs a CUDA GPU; nothing measured")
     if haproxy:
-        os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"  # read by Serve's controller and proxy at start
-    # Ray starts workers (the replicas) at nice 15; the load generator and the in-process
-    # baseline run at nice 0. On a shared machine that alone slows the replicas' forwards, so
-    # the local Ray's workers get the same priority as this process.
+        os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"  # read by Serve's controller and proxies at start
+    # Ray starts workers at nice 15; on a shared machine that alone slows the replicas next to
+    # the clients and the in-process baseline, so they get the same priority.
     os.environ.setdefault("RAY_worker_niceness", "0")
-    duration = 5.0 if quick else 12.0
-    items = posts()
-    payloads = [{"text": p["text"], "image_base64": base64.b64encode(p["image"]).decode()} for p in items]
-    load_before = os.getloadavg()
-    with tempfile.TemporaryDirectory(prefix="sgmft-serve-bench-") as tmp:
-        model_dir = make_model_dir(Path(tmp))
-        torch.set_num_threads(1)  # as the model replica: one CPU, one torch thread
-        inprocess = InProcess(model_dir)
-        points: list[Point] = []
-        # Logical CPUs for both apps at once (only one is under load at a time).
-        with local_ray(num_cpus=4):
+    cpus = os.cpu_count() or 2
+    preset = "ViT-B-16" if gpu else "tiny"
+    concurrency = (1, 32, 128, 512) if gpu else ((1, 32) if quick else (1, 8, 32, 128))
+    duration = (8.0 if gpu else 5.0) if quick else 12.0
+    processes = 8 if gpu else 2
+    overrides = (["serve.num_gpus_per_replica=1", "serve.num_cpus_per_replica=2", "serve.max_batch_size=128",
+                  "serve.max_ongoing_requests=512", f"serve.ingress_replicas={max(1, cpus // 2 - 2)}",
+                  "serve.ingress_cpus_per_replica=1", "serve.compile=true"] if gpu else
+                 ["serve.num_cpus_per_replica=0.5", "serve.max_batch_size=32", "serve.max_ongoing_requests=64",
+                  "serve.ingress_replicas=1"])
+    overrides += ["serve.min_replicas=1", "serve.max_replicas=1"]
+    image_bytes, image_source = photos()
+    post_texts, text_source = texts()
+    posts = [{"text": post_texts[i % len(post_texts)], "image": image_bytes[i % len(image_bytes)]} for i in range(64)]
+    payloads = [{"text": p["text"], "image_base64": base64.b64encode(p["image"]).decode()} for p in posts]
+    points: list[Point] = []
+    with tempfile.TemporaryDirectory(prefix="sgmft-serve-bench-") as tmp, \
+            ProcessPoolExecutor(processes, mp_context=get_context("spawn")) as pool:
+        model_dir = make_model_dir(Path(tmp), preset)
+        torch.set_num_threads(1)
+        runner = InferenceRunner(model_dir)
+        baseline_batch = 256 if gpu else 32
+        points.append(inprocess_point(runner, posts, 1, duration))
+        points.append(inprocess_point(runner, posts, baseline_batch, duration))
+        forward_only = forward_only_posts_per_s(runner, baseline_batch) if gpu else None
+        del runner
+        with local_ray(num_cpus=cpus + (2 if not gpu else 0)):
             from ray import serve
 
             port = free_port()
             serve.start(http_options={"host": "127.0.0.1", "port": port})
             try:
-                urls = {mode: f"http://127.0.0.1:{port}{deploy(model_dir, mode)}" for mode in (BATCHED, UNBATCHED)}
-                for url in urls.values():  # warm-up, not recorded
-                    asyncio.run(closed_loop(url, payloads, 8, min(3.0, duration), "warmup"))
-                hops = hop_latencies(port)
-                # Interleaved by concurrency: the machine's load drifts, and each comparison
-                # should see the same conditions.
-                for c in CONCURRENCY:
-                    points.append(inprocess.point(items, c, duration))
-                    points += [asyncio.run(closed_loop(url, payloads, c, duration, mode)) for mode, url in urls.items()]
+                base = f"http://127.0.0.1:{port}{deploy(model_dir, 'bench', overrides)}"
+                wait_healthy(base)
+                http_point(pool, processes, f"{base}/v1/predict", payloads, 8, min(3.0, duration))  # warm-up
+                for c in concurrency:
+                    points.append(http_point(pool, processes, f"{base}/v1/predict", payloads, c, duration))
+                    print(f"serve c={c}: {points[-1].posts_per_s:.1f} posts/s p50 {points[-1].p50_ms:.1f} ms", flush=True)
+                autoscaling = None
+                if gpu:
+                    serve.delete("bench")
+                    scaled = f"http://127.0.0.1:{port}" + deploy(model_dir, "scale", [
+                        o for o in overrides if "replicas" not in o and "num_gpus" not in o] + [
+                        "serve.num_gpus_per_replica=0.5", "serve.min_replicas=1", "serve.max_replicas=2",
+                        "serve.upscale_delay_s=2", "serve.downscale_delay_s=5", "serve.target_ongoing_requests=32"])
+                    wait_healthy(scaled)
+                    autoscaling = autoscaling_check(pool, processes, scaled, payloads, "scale", 20.0, 15.0)
             finally:
                 serve.shutdown()
-    points.sort(key=lambda p: ([INPROCESS, BATCHED, UNBATCHED].index(p.mode), p.concurrency))
-    result = {
-        "setup": {"preset": "small", "duration_s_per_point": duration, "concurrency": list(CONCURRENCY),
-                  "proxy": "haproxy" if haproxy else "default", "model_replicas": 1, "cpus_per_replica": 1,
-                  "torch_threads": 1, "batch_wait_timeout_s": 0.002, "max_batch_size": {BATCHED: 32, UNBATCHED: 1},
-                  "worker_niceness": os.environ["RAY_worker_niceness"],
-                  "load_average_before": load_before, "load_average_after": os.getloadavg()},
+    serve_points = {p.concurrency: p for p in points if p.mode == "serve"}
+    one_post, batched = points[0], points[1]
+    result: dict[str, Any] = {
+        "setup": {"preset": preset, "posts": f"{PHOTO_SIZE[0]}x{PHOTO_SIZE[1]} JPEG ({image_source}), {text_source}",
+                  "client_processes": processes, "seconds_per_point": duration, "overrides": overrides,
+                  "proxy": "haproxy" if haproxy else "default", "cpus": cpus},
         "points": [asdict(p) for p in points],
-        "hops": hops,
-        **summarize(points),
+        "inprocess_one_post_posts_per_s": one_post.posts_per_s,
+        "inprocess_one_post_p50_ms": one_post.p50_ms,
+        f"inprocess_batch{baseline_batch}_posts_per_s": batched.posts_per_s,
+        "errors": sum(p.errors for p in points),
     }
-    # Top-level figures for benchmarks.run_all's summary line.
-    result["throughput_ratio_batched_vs_unbatched_c32"] = round(result["ratios"]["batched_vs_unbatched_throughput_c32"], 2)
-    result["overhead_p50_ms_c1_unbatched"] = round(result["ratios"]["overhead_p50_ms_c1_unbatched"], 2)
-    name = "serve_load_haproxy" if haproxy else "serve_load"
-    result["plot"] = str(RESULTS / f"{name}.png")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    plot(points, RESULTS / f"{name}.png")
-    save(name, result)
-    print(table(points))
-    for key, value in {**result["ratios"], **hops}.items():
-        print(f"{key}: {value:.2f}")
-    for goal, met in result["goals"].items():
-        print(f"[{'met' if met else 'MISSED'}] {goal}")
+    if 1 in serve_points:
+        result["overhead_p50_ms_c1"] = serve_points[1].p50_ms - one_post.p50_ms
+    if 32 in serve_points:
+        result["serve_c32_vs_inprocess_one_thread"] = serve_points[32].posts_per_s / one_post.posts_per_s
+    if gpu:
+        result.update(gpu=torch.cuda.get_device_name(0), forward_only_posts_per_s_batch256=forward_only,
+                      autoscaling_half_gpu_replicas=autoscaling)
+        if 512 in serve_points:
+            result["serve_c512_posts_per_s"] = serve_points[512].posts_per_s
+    print(f"{'mode':<20}{'c':>5}{'posts/s':>10}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'batch':>7}{'errors':>7}")
+    for p in points:
+        print(f"{p.mode:<20}{p.concurrency:>5}{p.posts_per_s:>10.1f}{p.p50_ms:>9.1f}{p.p95_ms:>9.1f}{p.p99_ms:>9.1f}"
+              f"{p.mean_batch:>7.1f}{p.errors:>7}")
+    for key in ("overhead_p50_ms_c1", "serve_c32_vs_inprocess_one_thread"):
+        if key in result:
+            print(f"{key}: {result[key]:.2f}")
+    save("gpu_serve" if gpu else ("serve_load_haproxy" if haproxy else "serve_load"), result)
     return result
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="5 s per point instead of 12 s")
-    parser.add_argument("--haproxy", action="store_true", help="use Serve's HAProxy proxy (RAY_SERVE_ENABLE_HA_PROXY=1)")
+    parser.add_argument("--quick", action="store_true", help="fewer and shorter points")
+    parser.add_argument("--haproxy", action="store_true", help="Serve's HAProxy proxy (RAY_SERVE_ENABLE_HA_PROXY=1)")
+    parser.add_argument("--gpu", action="store_true", help="ViT-B-16 on the GPU; writes results/gpu_serve.json")
     args = parser.parse_args()
-    run(args.quick, args.haproxy)
+    run(args.quick, args.haproxy, args.gpu)

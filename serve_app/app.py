@@ -1,6 +1,6 @@
 """The Serve application: a FastAPI ingress deployment bound to a batched model deployment.
 
-    SGMFTIngress (HTTP, preprocessing)  --handle-->  SGMFTModel (@serve.batch, autoscaling)
+    SGMFTIngress (HTTP, preprocessing, adaptive batching)  --batches-->  SGMFTModel (forwards, autoscaling)
 
 ``build_app(cfg)`` builds it from a :class:`~sgmft.config.Config`; ``app_builder(args)`` is
 the entry point of ``serve_config.yaml`` (``import_path: serve_app.app:app_builder``).
@@ -8,6 +8,7 @@ the entry point of ``serve_config.yaml`` (``import_path: serve_app.app:app_build
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,65 +16,83 @@ from typing import Any
 
 import numpy as np
 from ray import serve
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from sgmft.config import Config, ConfigError, ServeConfig, apply_overrides, config_from_dict, load_config
 from serve_app.errors import ApiError
-from serve_app.model import resolve_source
+from sgmft.inference import resolve_source
 
 INGRESS_NAME, MODEL_NAME = "SGMFTIngress", "SGMFTModel"
+# What a handle call raises when the replica serving it died or is going away; the post is
+# then retried on another replica (predictions are idempotent).
+REPLICA_GONE = (ActorDiedError, ActorUnavailableError, RayActorError, ReplicaUnavailableError)
 
 
 @dataclass
-class QueuedPost:
-    input_ids: np.ndarray
-    pixel_values: np.ndarray
-    enqueued: float  # perf_counter when the replica received it, for the queue-wait metric
+class PostBatch:
+    """Posts crossing from an ingress to a model replica as one object: stacked uint8 pixels."""
+
+    input_ids: np.ndarray  # int64 (B, L)
+    pixel_values: np.ndarray  # uint8 (B, 3, S, S)
+    sent: float  # time.time() when the ingress sent it, for the queue-wait metric
 
 
 @serve.deployment(name=MODEL_NAME)
-class SGMFTModel:
-    """Loads a model directory once per replica; predicts posts in dynamic batches."""
+class ModelDeployment:
+    """Loads a model directory once per replica; runs the batches that ingresses send.
 
-    def __init__(self, model_dir: str, max_batch_size: int, batch_wait_timeout_s: float, top_k: int):
+    Batches from several ingress replicas that arrive together are merged into one forward
+    (at most ``max_batch_size`` posts each), which is what a GPU wants.
+    """
+
+    def __init__(self, model_dir: str, max_batch_size: int, merge_batches: int, merge_wait_s: float,
+                 top_k: int, compile: bool = False):
+        from sgmft.inference import InferenceRunner, batch_buckets
         from serve_app.metrics import ModelMetrics
-        from serve_app.model import ModelRunner
 
-        self._runner = ModelRunner(model_dir)
-        self._top_k = top_k
+        self._runner = InferenceRunner(model_dir, compile_batches=batch_buckets(max_batch_size) if compile else None)
+        self._max_batch_size, self._top_k = max_batch_size, top_k
         self._failure: str | None = None
         # The decorator's arguments are fixed at import; the configured values apply per replica.
-        self.predict_batch.set_max_batch_size(max_batch_size)
-        self.predict_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.run.set_max_batch_size(merge_batches)
+        self.run.set_batch_wait_timeout_s(merge_wait_s)
         self._metrics = ModelMetrics()
         self._runner.warmup(min(max_batch_size, 2))
 
     def info(self) -> dict[str, Any]:
         return self._runner.info()
 
-    async def predict(self, input_ids: np.ndarray, pixel_values: np.ndarray) -> dict[str, Any]:
-        """One post's model inputs -> its top-k labels and the size of the batch it ran in."""
-        return await self.predict_batch(QueuedPost(input_ids, pixel_values, time.perf_counter()))
-
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def predict_batch(self, posts: list[QueuedPost]) -> list[dict[str, Any]]:
-        start = time.perf_counter()
-        input_ids = np.stack([p.input_ids for p in posts])
-        pixel_values = np.stack([p.pixel_values for p in posts])
-        try:
+    @serve.batch(max_batch_size=1, batch_wait_timeout_s=0.0)  # set per replica in __init__
+    async def run(self, batches: list[PostBatch]) -> list[list[dict[str, Any]]]:
+        """Each batch's posts -> their top-k labels and the size of the forward they ran in."""
+        input_ids = np.concatenate([b.input_ids for b in batches])
+        pixel_values = np.concatenate([b.pixel_values for b in batches])
+        results: list[dict[str, Any]] = []
+        for i in range(0, len(input_ids), self._max_batch_size):
             # Inline, not in a thread: a forward thread holds the GIL for most of a CPU forward and
-            # starves the replica's request handling, so posts trickle into the queue (measured:
-            # mean batch 3-6 instead of 27 at 32 concurrent clients). Blocked here, arrivals pile
-            # up and join the next batch together; batches never overlap anyway.
-            probs = self._runner.probabilities(input_ids, pixel_values)
+            # starves the replica's request handling; blocked here, arrivals pile up for the next run.
+            forward_start = time.time()
+            probs = self._forward(input_ids[i:i + self._max_batch_size], pixel_values[i:i + self._max_batch_size])
+            size = len(probs)
+            self._metrics.observe_batch(size, [forward_start - b.sent for b in batches], time.time() - forward_start)
+            results += [{"top_k": top, "batch_size": size} for top in self._runner.top_k(probs, self._top_k)]
+        out, offset = [], 0
+        for b in batches:
+            out.append(results[offset:offset + len(b.input_ids)])
+            offset += len(b.input_ids)
+        return out
+
+    def _forward(self, input_ids: np.ndarray, pixel_values: np.ndarray) -> np.ndarray:
+        try:
+            return self._runner.probabilities(input_ids, pixel_values)
         except RuntimeError as exc:
             # Inputs are validated by the ingress, so a failing forward on a GPU is the device's
             # fault (CUDA error, out of memory): report unhealthy so Serve replaces this replica.
             if self._runner.device.type == "cuda":
                 self._failure = f"{type(exc).__name__}: {exc}"
             raise
-        self._metrics.observe_batch(len(posts), [start - p.enqueued for p in posts], time.perf_counter() - start)
-        return [{"top_k": top, "batch_size": len(posts)} for top in self._runner.top_k(probs, self._top_k)]
 
     def check_health(self) -> None:
         if self._failure is not None:
@@ -88,11 +107,16 @@ class SGMFTModel:
 @serve.deployment(name=INGRESS_NAME)
 @serve.ingress()
 class SGMFTIngress:
-    """HTTP in, preprocessing, one model call per post (see ``serve_app.api`` for why here)."""
+    """HTTP in, preprocessing, and posts batched here before they cross to a model replica.
+
+    One handle call per batch rather than per post: per-call overhead (routing, a task, the
+    object store) was most of the serving time when every post crossed on its own.
+    """
 
     async def __init__(self, model: DeploymentHandle, serve_cfg: ServeConfig):
+        from serve_app.batching import AdaptiveBatcher
         from serve_app.metrics import IngressMetrics
-        from serve_app.model import spec_from_info
+        from sgmft.inference import spec_from_info
 
         self._model = model
         self._serve_cfg = serve_cfg
@@ -101,6 +125,7 @@ class SGMFTIngress:
         self.info: dict[str, Any] = await model.info.remote()
         self._spec = spec_from_info(self.info)
         self._metrics = IngressMetrics()
+        self._batcher = AdaptiveBatcher(self._send, serve_cfg.max_batch_size, batches_in_flight(serve_cfg))
 
     def __serve_build_asgi_app__(self):
         from serve_app.api import create_api
@@ -108,60 +133,97 @@ class SGMFTIngress:
         return create_api(self, self._serve_cfg, self._spec, self._metrics)
 
     async def predict(self, input_ids: np.ndarray, pixel_values: np.ndarray) -> dict[str, Any]:
-        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+        """One post's model inputs -> ``{"top_k", "batch_size"}``, batched with concurrent posts."""
+        return await self._batcher.submit((input_ids, pixel_values))
 
-        try:
-            return await self._model.predict.remote(input_ids, pixel_values)
-        except BackPressureError as exc:
-            raise ApiError(503, "overloaded", f"the model's queue is full, retry later ({exc})", {"Retry-After": "1"}) from exc
-        except DeploymentUnavailableError as exc:
-            raise ApiError(503, "model_unavailable", f"the model deployment is unavailable: {exc}") from exc
+    async def _send(self, posts: list[tuple[np.ndarray, np.ndarray]]) -> list[dict[str, Any]]:
+        batch = PostBatch(np.stack([ids for ids, _ in posts]), np.stack([pixels for _, pixels in posts]), 0.0)
+        return await self._call_model(batch)
+
+    async def _call_model(self, batch: PostBatch) -> list[dict[str, Any]]:
+        """One model call, retried while replicas die, until ``serve.retry_deadline_s``."""
+        deadline = time.monotonic() + self._serve_cfg.retry_deadline_s
+        delay = 0.05
+        while True:
+            batch.sent = time.time()
+            try:
+                return await self._model.run.remote(batch)
+            except BackPressureError as exc:
+                raise ApiError(503, "overloaded", f"the model's queue is full, retry later ({exc})", {"Retry-After": "1"}) from exc
+            except DeploymentUnavailableError as exc:
+                raise ApiError(503, "model_unavailable", f"the model deployment is unavailable: {exc}", {"Retry-After": "1"}) from exc
+            except REPLICA_GONE as exc:
+                if time.monotonic() + delay > deadline:
+                    raise ApiError(503, "model_unavailable", "no model replica answered before the retry deadline "
+                                   f"({type(exc).__name__})", {"Retry-After": "1"}) from exc
+                self._metrics.observe_retry()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
 
     def check_health(self) -> None:
         if not self.info.get("labels"):
             raise RuntimeError("the ingress has no model metadata")
 
 
-def autoscaling_config(s: ServeConfig) -> dict[str, Any]:
-    """Serve's autoscaling config from ServeConfig.
+def autoscaling_config(min_replicas: int, max_replicas: int, target_ongoing: float, upscale_delay_s: float,
+                       downscale_delay_s: float, initial_replicas: int | None = None) -> dict[str, Any]:
+    """Serve's autoscaling config.
 
     Ray averages ongoing requests over ``look_back_period_s`` (default 30 s) from metrics
     pushed every ``metrics_interval_s`` (default 10 s); with those defaults any delay under
     ~30 s would be meaningless. The window follows the upscale delay instead (1-30 s), and
     metrics are pushed twice per window.
     """
-    look_back = min(max(s.upscale_delay_s, 1.0), 30.0)
+    look_back = min(max(upscale_delay_s, 1.0), 30.0)
     return {
-        "min_replicas": s.min_replicas,
-        "max_replicas": s.max_replicas,
-        "initial_replicas": s.initial_replicas,
-        "target_ongoing_requests": s.target_ongoing_requests,
-        "upscale_delay_s": s.upscale_delay_s,
-        "downscale_delay_s": s.downscale_delay_s,
+        "min_replicas": min_replicas,
+        "max_replicas": max_replicas,
+        "initial_replicas": initial_replicas,
+        "target_ongoing_requests": target_ongoing,
+        "upscale_delay_s": upscale_delay_s,
+        "downscale_delay_s": downscale_delay_s,
         "look_back_period_s": look_back,
         "metrics_interval_s": look_back / 2,
     }
 
 
-def ingress_max_ongoing(s: ServeConfig) -> int:
-    # The ingress mostly awaits the model: let it hold everything the model replicas can take.
-    return max(2 * s.max_ongoing_requests * s.max_replicas, 64)
+def ingress_max_replicas(s: ServeConfig) -> int:
+    return max(s.ingress_replicas, s.ingress_max_replicas or s.ingress_replicas)
+
+
+def batches_in_flight(s: ServeConfig) -> int:
+    """Batches one ingress keeps in flight: enough full batches to load every model replica."""
+    per_replica = -(-s.max_ongoing_requests // s.max_batch_size)
+    return max(2, per_replica * s.max_replicas)
 
 
 def build_app(cfg: Config) -> serve.Application:
-    """The ingress bound to the model deployment, with the options of ``cfg.serve``."""
+    """The ingress bound to the model deployment, with the options of ``cfg.serve``.
+
+    The model deployment's requests are batches, so its posts-based settings are divided
+    by ``max_batch_size``: ``target_ongoing_requests: 8`` with batches of 16 aims for half
+    a batch in flight per replica (Serve takes fractional targets).
+    """
     s = cfg.serve
     if not s.model_dir:
         raise ConfigError("serve.model_dir: empty; give a model directory path or URI (s3://, gs://, file://)")
-    model = SGMFTModel.options(
-        max_ongoing_requests=s.max_ongoing_requests,
-        autoscaling_config=autoscaling_config(s),
+    merge = ingress_max_replicas(s)  # batches from different ingresses that one forward may merge
+    model = ModelDeployment.options(
+        max_ongoing_requests=max(2, -(-s.max_ongoing_requests // s.max_batch_size)) * merge,
+        autoscaling_config=autoscaling_config(s.min_replicas, s.max_replicas, s.target_ongoing_requests / s.max_batch_size,
+                                              s.upscale_delay_s, s.downscale_delay_s, s.initial_replicas),
         ray_actor_options={"num_cpus": s.num_cpus_per_replica, "num_gpus": s.num_gpus_per_replica},
-    ).bind(resolve_source(s.model_dir), s.max_batch_size, s.batch_wait_timeout_s, s.top_k)
+    ).bind(resolve_source(s.model_dir), s.max_batch_size, merge, s.batch_wait_timeout_s if merge > 1 else 0.0,
+           s.top_k, s.compile)
+    ingress_cpus = s.num_cpus_per_replica if s.ingress_cpus_per_replica is None else s.ingress_cpus_per_replica
+    replicas: dict[str, Any] = {"num_replicas": s.ingress_replicas}
+    if ingress_max_replicas(s) > s.ingress_replicas:
+        replicas = {"autoscaling_config": autoscaling_config(
+            s.ingress_replicas, ingress_max_replicas(s), 2 * s.max_batch_size, s.upscale_delay_s, s.downscale_delay_s)}
     return SGMFTIngress.options(
-        num_replicas=1,
-        max_ongoing_requests=ingress_max_ongoing(s),
-        ray_actor_options={"num_cpus": s.num_cpus_per_replica},
+        max_ongoing_requests=max(2 * s.max_ongoing_requests * s.max_replicas, 64),  # it mostly awaits the model
+        ray_actor_options={"num_cpus": ingress_cpus},
+        **replicas,
     ).bind(model, s)
 
 

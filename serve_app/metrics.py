@@ -22,6 +22,9 @@ class IngressMetrics:
                                  boundaries=LATENCY_BUCKETS_S, tag_keys=("route",))
         self.preprocess = Histogram("sgmft_preprocess_latency_s", description="Decode + tokenise time per post (s).",
                                     boundaries=LATENCY_BUCKETS_S)
+        self.auth_refusals = Counter("sgmft_auth_refusals", description="Requests refused for a missing or invalid API key.",
+                                     tag_keys=("reason",))
+        self.retries = Counter("sgmft_model_retries", description="Model calls retried because a model replica died.")
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
         self.requests.inc(tags={"route": route, "method": method, "status": str(status)})
@@ -29,6 +32,13 @@ class IngressMetrics:
 
     def observe_preprocess(self, seconds: float) -> None:
         self.preprocess.observe(seconds)
+
+    def observe_auth_refusal(self, reason: str) -> None:
+        """``reason``: missing or invalid (serve_app/auth.py)."""
+        self.auth_refusals.inc(tags={"reason": reason})
+
+    def observe_retry(self) -> None:
+        self.retries.inc()
 
 
 class ModelMetrics:
@@ -62,4 +72,7 @@ class NullMetrics:
         pass
 
     def observe_preprocess(self, seconds: float) -> None:
+        pass
+
+    def observe_auth_refusal(self, reason: str) -> None:
         pass

@@ -91,6 +91,7 @@ class ModelResponse(BaseModel):
     preprocess: dict[str, Any] = Field(..., description="The preprocessing spec: image size, context length, pixel limit.")
     config: dict[str, Any] = Field(..., description="The model directory's config.json.")
     metrics: dict[str, Any] = Field(..., description="The model directory's metrics.json (training/evaluation metrics).")
+    compiled_batch_sizes: list[int] = Field(default_factory=list, description="Batch sizes compiled at start-up (serve.compile).")
 
 
 class HealthResponse(BaseModel):
@@ -100,11 +101,8 @@ class HealthResponse(BaseModel):
 
 def batch_request_schema(max_items: int) -> dict[str, Any]:
     """OpenAPI schema of the batch request body (parsed by hand so bad items fail alone)."""
-    return {
-        "type": "object",
-        "required": ["posts"],
-        "properties": {"posts": {"type": "array", "minItems": 1, "maxItems": max_items, "items": PostIn.model_json_schema()}},
-    }
+    posts = {"type": "array", "minItems": 1, "maxItems": max_items, "items": PostIn.model_json_schema()}
+    return {"oneOf": [{"type": "object", "required": ["posts"], "properties": {"posts": posts}}, posts]}
 
 
 MULTIPART_SCHEMA: dict[str, Any] = {

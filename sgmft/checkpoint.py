@@ -103,6 +103,9 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu") -> Load
     path = Path(path)
     config, labels = check_model_dir(path)
     model = build_model(config.model, load_pretrained=False)
-    load_model(model, str(path / WEIGHTS), strict=True, device=str(device))
+    try:
+        load_model(model, str(path / WEIGHTS), strict=True, device=str(device))
+    except RuntimeError as exc:  # safetensors' report of missing, unexpected or reshaped tensors
+        raise ModelDirError(f"{path / WEIGHTS} does not match the model of {path / CONFIG}: {exc}") from exc
     model.to(device).eval()
     return LoadedModel(model=model, config=config, labels=labels, metrics=read_json(path / METRICS, {}), path=path)

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
-BACKBONE_PRESETS = ("tiny", "small", "ViT-B-16", "ViT-L-14", "ViT-L-14-336", "ViT-H-14", "RN50")
+from sgmft.presets import BACKBONE_PRESETS, HEAD_WIDTH
 
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
@@ -47,7 +47,7 @@ class BackboneConfig:
 
 @dataclass
 class ModelConfig:
-    """SG-MFT head on top of the backbone; the ablation switches of DESIGN.md."""
+    """SG-MFT head on top of the backbone; the ablation switches of docs/DESIGN.md."""
 
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     d_model: int = 64
@@ -96,7 +96,10 @@ class DataConfig:
     batch_size: int = 32
     """Per-worker batch size."""
     preprocess_batch_size: int = 64
-    preprocess_concurrency: int = 2
+    preprocess_concurrency: int | None = None
+    """Parallel decode+tokenise tasks. None: every cluster CPU the train workers leave free."""
+    prefetch_batches: int = 4
+    """Batches each train worker keeps ready ahead of the step (pinned and on their way to a GPU)."""
     materialize: Literal["auto", "always", "never"] = "auto"
     """Keep preprocessed splits in Ray's object store instead of decoding them again every
     epoch. auto: when the preprocessed split takes under a fifth of the object store."""
@@ -109,6 +112,9 @@ class TrainConfig:
     storage_path: str = "runs"
     num_workers: int = 2
     use_gpu: bool = False
+    gpus_per_worker: float = 1.0
+    """With ``use_gpu``: the GPU share each worker reserves. Fractions pack several workers
+    (so several Tune trials, e.g. 0.25 for four head-only trials on cached features) on one GPU."""
     cpus_per_worker: float = 0.5
     """Fractional on small machines so Ray Data keeps CPUs for preprocessing."""
     epochs: int = 5
@@ -165,11 +171,25 @@ class ServeConfig:
     downscale_delay_s: float = 30.0
     num_gpus_per_replica: float = 0.0
     num_cpus_per_replica: float = 0.5
+    ingress_replicas: int = 1
+    """HTTP ingress replicas (parsing, decoding, tokenising): the CPU side of serving."""
+    ingress_max_replicas: int | None = None
+    """Above ``ingress_replicas``: the ingress autoscales up to this many replicas."""
+    ingress_cpus_per_replica: float | None = None
+    """CPUs each ingress replica reserves (None: ``num_cpus_per_replica``)."""
+    compile: bool = False
+    """Run the model under torch.compile, with batch-size buckets compiled at start-up."""
+    retry_deadline_s: float = 30.0
+    """A post whose model replica died is retried on another until this deadline, then 503."""
     max_body_bytes: int = 10 * 1024 * 1024
     max_text_chars: int = 2000
     """Longer texts are truncated to this many characters (then to context_length tokens)."""
     max_batch_items: int = 32
     top_k: int = 3
+    api_key_env: str | None = None
+    """Off when None. Else the name of an environment variable of the cluster (read by the
+    ingress replica at start-up; unset or empty is an error there) holding one or more API
+    keys, comma-separated: every route but /healthz then needs ``Authorization: Bearer KEY``."""
 
 
 @dataclass
@@ -314,7 +334,12 @@ def validate(config: Config) -> None:
         (m.backbone.trainable_last_k >= 0, "model.backbone.trainable_last_k", "must be >= 0"),
         (config.data.context_length >= 3, "data.context_length", "must be >= 3 ([CLS] text [SEP])"),
         (config.data.batch_size >= 1, "data.batch_size", "must be >= 1"),
+        (config.data.preprocess_concurrency is None or config.data.preprocess_concurrency >= 1,
+         "data.preprocess_concurrency", "must be >= 1 (or empty for automatic)"),
+        (config.data.prefetch_batches >= 0, "data.prefetch_batches", "must be >= 0"),
         (t.num_workers >= 1, "train.num_workers", "must be >= 1"),
+        (0 < t.gpus_per_worker <= 1 or float(t.gpus_per_worker).is_integer(), "train.gpus_per_worker",
+         f"{t.gpus_per_worker} must be in (0, 1] or a whole number of GPUs"),
         (t.epochs >= 1, "train.epochs", "must be >= 1"),
         (t.grad_accum_steps >= 1, "train.grad_accum_steps", "must be >= 1"),
         (0.0 <= t.warmup_ratio < 1.0, "train.warmup_ratio", "must be in [0, 1)"),
@@ -323,14 +348,16 @@ def validate(config: Config) -> None:
         (s.max_ongoing_requests >= s.max_batch_size, "serve.max_ongoing_requests", f"must be >= serve.max_batch_size={s.max_batch_size} or batches never fill"),
         (1 <= s.min_replicas <= s.max_replicas, "serve.min_replicas", "must satisfy 1 <= min_replicas <= max_replicas"),
         (s.max_body_bytes > 0, "serve.max_body_bytes", "must be > 0"),
+        (s.ingress_replicas >= 1, "serve.ingress_replicas", "must be >= 1"),
+        (s.ingress_max_replicas is None or s.ingress_max_replicas >= s.ingress_replicas, "serve.ingress_max_replicas",
+         f"must be >= serve.ingress_replicas={s.ingress_replicas}"),
+        (s.retry_deadline_s >= 0, "serve.retry_deadline_s", "must be >= 0"),
+        (s.api_key_env is None or re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", s.api_key_env) is not None, "serve.api_key_env",
+         f"{s.api_key_env!r} is not an environment variable name (letters, digits, _); null turns API keys off"),
     ]
     for ok, key, message in checks:
         if not ok:
             raise ConfigError(f"{key}: {message}")
-
-
-# Head widths used with each backbone preset (DESIGN.md: D=512, 8 heads at ViT-B-16).
-HEAD_WIDTH = {"tiny": (64, 4), "small": (256, 4), "ViT-B-16": (512, 8), "ViT-L-14": (768, 12), "ViT-L-14-336": (768, 12), "ViT-H-14": (1024, 16), "RN50": (512, 8)}
 
 
 def model_config_for(preset: str, **overrides: Any) -> ModelConfig:

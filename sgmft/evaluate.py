@@ -57,16 +57,16 @@ def evaluate_local(model_dir: str | Path, dataset_dir: str | Path, split: str = 
     import pyarrow.parquet as pq
 
     from sgmft.data.schema import split_files
-    from sgmft.predict import Predictor
+    from sgmft.inference import InferenceRunner
 
     model_dir = Path(model_dir)
     labels = _check_labels(model_dir, dataset_dir)
-    predictor = Predictor(model_dir)
+    runner = InferenceRunner(model_dir)
     rows: list[dict[str, Any]] = []
     for path in split_files(dataset_dir, split):
         for record_batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=["post_id", "text", "image", "label"]):
             batch = {name: np.asarray(record_batch.column(name).to_pylist(), dtype=object) for name in record_batch.schema.names}
-            out = predictor.predict_batch(batch)
+            out = runner.predict_batch(batch)
             rows += [{"label": l, "predicted_label": p, "error": e} for l, p, e in zip(out["label"], out["predicted_label"], out["error"])]
     return _report(labels, rows, split)
 

@@ -1,7 +1,8 @@
 import pytest
+import yaml
 
 from sgmft.cli import main
-from sgmft.config import ConfigError, Config, apply_overrides, config_from_dict, load_config, save_config
+from sgmft.config import ConfigError, Config, apply_overrides, config_from_dict, config_to_dict, load_config, save_config
 
 
 def test_defaults_round_trip_through_yaml(tmp_path):
@@ -68,4 +69,18 @@ def test_shipped_job_configs_load():
     configs = sorted((Path(__file__).resolve().parents[1] / "jobs" / "configs").glob("*.yaml"))
     assert configs, "jobs/configs has no YAML configs"
     for path in configs:
-        assert isinstance(load_config(path), Config), path
+        loaded = config_to_dict(load_config(path))
+        # every value the file sets is the value the config holds (no key dropped or coerced away)
+        for dotted, value in _leaves(yaml.safe_load(path.read_text())):
+            node = loaded
+            for part in dotted:
+                node = node[part]
+            assert node == value or (isinstance(value, int) and node == float(value)), (path.name, dotted, value, node)
+
+
+def _leaves(values, prefix=()):
+    for key, value in values.items():
+        if isinstance(value, dict) and not (prefix + (key,) == ("tune", "search_space")):
+            yield from _leaves(value, prefix + (key,))
+        else:
+            yield prefix + (key,), value

@@ -156,7 +156,7 @@ def test_model_dir_errors_are_named(tmp_path):
     other = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, d_model=32))
     save_model_dir(tmp_path / "x", tiny(d_model=32), other, list("abcde"))
     (tmp_path / "x" / "model.safetensors").write_bytes((path / "model.safetensors").read_bytes())
-    with pytest.raises(Exception):
+    with pytest.raises(ModelDirError, match="does not match the model"):
         load_model_dir(tmp_path / "x")
 
 

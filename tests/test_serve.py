@@ -12,6 +12,7 @@ import base64
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -20,6 +21,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import hostile_images as hi
 import httpx
 import pytest
 import yaml
@@ -32,18 +34,36 @@ from sgmft.models.sgmft import build_model
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-IMAGES = REPO.parent / "shared" / "corpus" / "images"
+IMAGES = hi.corpus_dir() / "images"  # the workshop corpus: absent on a fresh clone, its tests skip
 MAX_BODY = 1_000_000  # small, so the oversized-body tests send little
 MAX_ITEMS = 8
 IMAGE_CODES = {"image_too_large", "image_undecodable", "image_truncated", "image_empty", "image_zero_size"}
 # Reasons that are unambiguous for a file of the manifest; the rest must be one of IMAGE_CODES.
 EXPECTED_CODE = {"decompression_bomb.gif": "image_too_large", "truncated_jpeg.jpg": "image_truncated",
-                 "truncated_image.png": "image_truncated", "broken.png": "image_undecodable"}
+                 "truncated_image.png": "image_truncated", "broken.png": "image_undecodable",
+                 **{s.name: s.code for s in hi.CATALOG if s.code}}
 
 
 def manifest() -> list[dict[str, str]]:
+    """The corpus's MANIFEST.tsv rows; none where the corpus is absent."""
     path = IMAGES / "MANIFEST.tsv"
     return list(csv.DictReader(path.open(encoding="utf-8"), delimiter="\t")) if path.is_file() else []
+
+
+def generated_manifest() -> list[dict[str, str]]:
+    """The same kind of rows for the images tests/hostile_images.py makes in memory."""
+    return [{"file": s.name, "expect": s.expect, "what it exercises": s.what} for s in hi.CATALOG]
+
+
+def manifest_params(rows: list[dict[str, str]], source: str) -> list:
+    if not rows:
+        return [pytest.param(None, id=f"{source}-absent", marks=pytest.mark.skip(reason=f"the workshop corpus is not at {IMAGES.parent}"))]
+    return [pytest.param(r, id=r["file"]) for r in rows]
+
+
+def image_bytes(row: dict[str, str]) -> bytes:
+    """A manifest row's image: generated when its name is in the catalogue, else a corpus file."""
+    return hi.sample(row["file"]) if row["file"] in hi.BY_NAME else (IMAGES / row["file"]).read_bytes()
 
 
 def labels_for(n: int) -> list[str]:
@@ -59,8 +79,9 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-def image(name: str = "hopper.jpg") -> bytes:
-    return (IMAGES / name).read_bytes()
+def image(name: str = "gen_photo.jpg") -> bytes:
+    """A generated image of tests/hostile_images.py (any clone has it)."""
+    return hi.sample(name)
 
 
 def assert_error(r: httpx.Response, status: int, code: str | None = None, mentions: str | None = None) -> dict:
@@ -149,11 +170,11 @@ def labels(model_dir) -> list[str]:
     return json.loads((model_dir / "labels.json").read_text())
 
 
-# --- images of the shared corpus --------------------------------------------------------
+# --- images of the workshop corpus (where present) and generated ones --------------------
 
-@pytest.mark.parametrize("row", [pytest.param(r, id=r["file"]) for r in manifest()])
+@pytest.mark.parametrize("row", manifest_params(manifest(), "corpus") + manifest_params(generated_manifest(), "generated"))
 def test_manifest_image(api, labels, row):
-    data = (IMAGES / row["file"]).read_bytes()
+    data = image_bytes(row)
     r = api.post("/v1/predict", data={"text": "今天在公司加班", "post_id": row["file"]},
                  files={"image": (row["file"], data, "application/octet-stream")})
     assert r.status_code < 500, r.text
@@ -168,10 +189,15 @@ def test_manifest_image(api, labels, row):
         assert err["code"] == EXPECTED_CODE.get(row["file"], err["code"]) and err["code"] in IMAGE_CODES, err
 
 
-def test_batch_answers_good_posts_and_names_bad_ones(api, labels):
-    rows = [r for r in manifest() if r["expect"] in ("ok", "reject")][:MAX_ITEMS - 2]
-    rows += [r for r in manifest() if r["file"] == "decompression_bomb.gif"]
-    posts = [{"post_id": r["file"], "text": "周末去公园", "image_base64": b64((IMAGES / r["file"]).read_bytes())} for r in rows]
+@pytest.mark.parametrize("source", ["corpus", "generated"])
+def test_batch_answers_good_posts_and_names_bad_ones(api, labels, source):
+    if source == "corpus" and not manifest():
+        pytest.skip(f"the workshop corpus is not at {IMAGES.parent}")
+    every = manifest() if source == "corpus" else generated_manifest()
+    bomb = "decompression_bomb.gif" if source == "corpus" else "gen_bomb.gif"
+    rows = [r for r in every if r["expect"] == "ok"][:3] + [r for r in every if r["expect"] == "reject" and r["file"] != bomb][:3]
+    rows += [r for r in every if r["file"] == bomb]
+    posts = [{"post_id": r["file"], "text": "周末去公园", "image_base64": b64(image_bytes(r))} for r in rows]
     posts.append({"post_id": "no-image", "text": "x"})
     r = api.post("/v1/predict/batch", json={"posts": posts})
     assert r.status_code == 200, r.text
@@ -190,7 +216,7 @@ def test_batch_answers_good_posts_and_names_bad_ones(api, labels):
 
 
 def test_json_and_multipart_give_the_same_answer(api):
-    data = image("flower.jpg")
+    data = image("gen_photo.jpg")
     as_json = api.post("/v1/predict", json={"text": "医院排队", "image_base64": b64(data)}).json()
     as_data_url = api.post("/v1/predict", json={"text": "医院排队", "image_base64": "data:image/jpeg;base64," + b64(data)}).json()
     as_form = api.post("/v1/predict", data={"text": "医院排队"}, files={"image": ("f.jpg", data, "image/jpeg")}).json()
@@ -300,7 +326,7 @@ def test_client_errors_do_not_take_replicas_down(api, ray_head):
 
 def test_labels_model_and_health(api, labels, model_dir):
     assert api.get("/v1/labels").json()["labels"] == labels
-    assert api.get("/v1/labels").json()["display_names"]["home"] in ("家", "home")
+    assert api.get("/v1/labels").json()["display_names"]["home"] == "家"
     model = api.get("/v1/model").json()
     assert model["version"] == "tiny-v1" and model["source"] == str(model_dir)
     assert model["metrics"]["val_accuracy"] == 0.1 and model["config"]["model"]["backbone"]["preset"] == "tiny"
@@ -317,7 +343,8 @@ def test_openapi_documents_the_api(api):
     assert {"application/json", "multipart/form-data"} <= set(predict["requestBody"]["content"])
     assert {"200", "413", "415", "422"} <= set(predict["responses"])
     batch = spec["paths"]["/v1/predict/batch"]["post"]["requestBody"]["content"]["application/json"]["schema"]
-    assert batch["properties"]["posts"]["maxItems"] == MAX_ITEMS
+    wrapped, bare = batch["oneOf"]  # {"posts": [...]} or the list itself
+    assert wrapped["properties"]["posts"]["maxItems"] == bare["maxItems"] == MAX_ITEMS
     assert {"Prediction", "BatchResponse", "ErrorResponse"} <= set(spec["components"]["schemas"])
 
 
@@ -337,7 +364,20 @@ def test_concurrent_requests_form_batches(api):
     assert max(sizes) <= 8, sizes  # serve.max_batch_size
 
 
-# --- model from a URI, autoscaling ------------------------------------------------------
+def test_batch_route_takes_a_bare_list_of_posts(api, labels):
+    posts = [{"post_id": "a", "text": "健身房撸铁", "image_base64": b64(image())},
+             {"post_id": "b", "text": "", "image_base64": b64(image("gen_photo.png"))}]
+    r = api.post("/v1/predict/batch", json=posts)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["num_ok"] == 2 and [x["post_id"] for x in body["results"]] == ["a", "b"]
+    assert all(x["label"] in labels for x in body["results"])
+    assert api.post("/v1/predict/batch", json={"posts": posts}).json()["results"][0]["top_k"] == body["results"][0]["top_k"]
+    assert_error(api.post("/v1/predict/batch", json=[]), 422, "empty_batch")
+    assert_error(api.post("/v1/predict/batch", json="posts"), 422, "missing_field")
+
+
+# --- model from a URI, autoscaling, replicas that die -------------------------------------
 
 def replica_states(app: str, deployment: str) -> dict[str, int]:
     from ray import serve
@@ -397,6 +437,54 @@ def test_model_from_file_uri_autoscales_up_and_down(serve_port, model_dir):
         delete_app("autoscale")
 
 
+def test_a_model_replica_killed_under_load_costs_no_request(serve_port, model_dir, ray_head):
+    """SIGKILL the only model replica while clients send posts: the ingress retries the posts it
+    had in flight until Serve has replaced the replica, so every request still gets its answer."""
+    from ray import serve
+    from ray.util.state import list_actors
+
+    from serve_app.app import MODEL_NAME, build_app
+
+    cfg = serve_config(str(model_dir), max_batch_size=4, max_ongoing_requests=8, min_replicas=1, max_replicas=1,
+                       retry_deadline_s=90)
+    serve.run(build_app(cfg), name="resilient", route_prefix="/resilient")
+
+    def replica_pids() -> set[int]:
+        return {a.pid for a in list_actors(address=ray_head.address, filters=[
+            ("class_name", "=", f"ServeReplica:resilient:{MODEL_NAME}"), ("state", "=", "ALIVE")])}
+
+    try:
+        with client(serve_port, "/resilient") as http:
+            wait_healthy(http)
+            (victim,) = replica_pids()
+            payload = {"text": "机场候机", "image_base64": b64(image())}
+            statuses: list[int] = []
+            stop = threading.Event()
+
+            def load() -> None:
+                for _ in range(400):  # bounded: at most 400 requests per client
+                    if stop.is_set():
+                        return
+                    statuses.append(http.post("/v1/predict", json=payload, timeout=120).status_code)
+
+            threads = [threading.Thread(target=load, daemon=True) for _ in range(4)]
+            for t in threads:
+                t.start()
+            wait_for(lambda: len(statuses) >= 8, 30, "load before the kill")
+            os.kill(victim, signal.SIGKILL)  # a process of the Ray cluster this test session started
+            wait_for(lambda: (replica_pids() - {victim}) and replica_states("resilient", MODEL_NAME) == {"RUNNING": 1},
+                     90, "a replacement replica")
+            answered = len(statuses)
+            wait_for(lambda: len(statuses) >= answered + 8, 60, "answers from the replacement")
+            stop.set()
+            for t in threads:
+                t.join(timeout=150)
+        server_errors = [code for code in statuses if code >= 500]
+        assert not server_errors and set(statuses) == {200}, sorted(set(statuses))
+    finally:
+        delete_app("resilient")
+
+
 def test_metrics_are_exported_to_prometheus(api, ray_cluster):
     """Batch sizes, queue wait, model latency and request counts reach Ray's metrics endpoint."""
     node = next(n for n in ray_cluster.nodes() if n["Alive"])
@@ -435,7 +523,17 @@ def test_app_builder_args_are_checked(model_dir):
             doc = yaml.safe_load(doc["spec"]["serveConfigV2"])
         (app,) = doc["applications"]
         assert app["import_path"] == "serve_app.app:app_builder"
-        assert app_builder(app["args"]) is not None
+        cfg = config_from_builder_args(app["args"])  # what app_builder deploys, checked against the file
+        for override in app["args"].get("overrides") or []:
+            key, value = override.split("=", 1)
+            assert getattr(cfg.serve, key.removeprefix("serve.")) == yaml.safe_load(value), override
+        app_builder(app["args"])
+
+
+def test_cli_refuses_a_port_out_of_range(model_dir):
+    out = subprocess.run([sys.executable, "-m", "sgmft.cli", "serve", "--model", str(model_dir), "--host", "127.0.0.1",
+                          "--port", "70000"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "--port 70000" in out.stderr, out.stderr
 
 
 def test_cli_refuses_a_missing_model_dir(tmp_path):
@@ -459,14 +557,14 @@ def test_serve_deploy_config_file(ray_head, ray_cluster, model_dir, tmp_path):
     config = tmp_path / "serve_config.yaml"
     config.write_text(yaml.safe_dump(doc, allow_unicode=True))
     serve_bin = str(Path(sys.executable).with_name("serve"))
-    env = {**os.environ, "RAY_ADDRESS": ray_head.address}
+    env = {**ray_head.client_env(), "RAY_ADDRESS": ray_head.address}
     try:
         out = subprocess.run([serve_bin, "deploy", "--address", ray_head.dashboard_url, str(config)],
                              capture_output=True, text=True, timeout=120, env=env)
         assert out.returncode == 0, out.stdout + out.stderr
         with client(port) as http:
             wait_healthy(http, timeout_s=120)
-            r = http.post("/v1/predict", data={"text": "健身房"}, files={"image": ("h.png", image("hopper.png"))})
+            r = http.post("/v1/predict", data={"text": "健身房"}, files={"image": ("h.png", image("gen_photo.png"))})
             assert r.status_code == 200, r.text
             assert r.json()["model_version"] == "tiny-v1"
     finally:

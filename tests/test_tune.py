@@ -26,7 +26,7 @@ def dataset(tmp_path_factory):
 
 
 def test_asha_search_picks_and_exports_a_servable_best_model(ray_cluster, tmp_path, dataset, corpus):
-    from sgmft.predict import Predictor
+    from sgmft.inference import InferenceRunner
     from sgmft.tune import tune
 
     cfg = load_config(REPO / "jobs" / "configs" / "tune.yaml", [*base_overrides(tmp_path, "search"), f"data.path={dataset}",
@@ -43,7 +43,7 @@ def test_asha_search_picks_and_exports_a_servable_best_model(ray_cluster, tmp_pa
     sampled_lrs = {row["train.lr"] for row in outcome.table}
     assert len(sampled_lrs) == 3
     assert json.loads((outcome.experiment_dir / "best_config.json").read_text())["train"]["lr"] in sampled_lrs
-    prediction = Predictor(outcome.model_dir).predict_post("周末在商场逛街", (corpus / "images" / "hopper.jpg").read_bytes())
+    prediction = InferenceRunner(outcome.model_dir).predict_post("周末在商场逛街", (corpus / "images" / "hopper.jpg").read_bytes())
     labels = json.loads((dataset / "labels.json").read_text())
     assert prediction["label"] in labels and len(prediction["top_k"]) == 3
 

@@ -1,0 +1,205 @@
+"""THE inference runner: a model directory on a device, batched probabilities and top-k.
+
+Used by batch prediction, evaluation, the one-post CLI and the Serve model replicas, so
+device choice, precision, host-to-device copies and top-k are written once. Ray-free.
+
+A model directory is a local path or a URI that ``pyarrow.fs`` understands (``s3://``,
+``gs://``, ``abfs://``, ``hdfs://``, ``file://``). Remote directories are copied (model
+files only) to a local temporary directory first; loading then reads safetensors and
+JSON only, never a pickle.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+import torch
+
+from sgmft.checkpoint import CONFIG, LABELS, METRICS, WEIGHTS, LoadedModel, ModelDirError, load_model_dir
+from sgmft.config import config_to_dict
+from sgmft.data.preprocess import PreprocessSpec, preprocess_batch
+from sgmft.presets import CLIP_MEAN, CLIP_STD
+
+REQUIRED_FILES = (WEIGHTS, CONFIG, LABELS)
+OPTIONAL_FILES = (METRICS,)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autocast(device: torch.device, enabled: bool | None = None):
+    """bf16 autocast on a GPU; off on a CPU, where bf16 matmuls are slower than fp32 on most parts."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" if enabled is None else enabled)
+
+
+def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array on ``device``: pinned and copied without blocking when that is a GPU."""
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+def is_uri(source: str) -> bool:
+    return "://" in str(source)
+
+
+def resolve_source(source: str) -> str:
+    """A URI as is; a local path made absolute (replicas and actors do not share the caller's cwd)."""
+    if not source:
+        raise ModelDirError("no model directory given (serve.model_dir is empty)")
+    return source if is_uri(source) else str(Path(source).expanduser().resolve())
+
+
+def fetch_model_dir(uri: str, destination: Path) -> Path:
+    """Copy the model files of ``uri`` into ``destination/<basename>``; return that directory.
+
+    The copy keeps the directory's name, so a model's version (its ``metrics.json``
+    ``version``, or else its directory name) is the same whether loaded locally or remotely.
+    """
+    import pyarrow.fs as pafs
+
+    try:
+        fs, path = pafs.FileSystem.from_uri(uri)
+    except Exception as exc:  # pyarrow raises several types for unknown schemes and bad URIs
+        raise ModelDirError(f"cannot open model URI {uri!r}: {exc}") from exc
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        raise ModelDirError(f"model URI {uri!r} is not a directory")
+    path = path.rstrip("/")
+    local = destination / (PurePosixPath(path).name or "model")
+    local.mkdir(parents=True)
+    # Only the model files: a training run's directory may also hold optimizer state and logs.
+    for name in (*REQUIRED_FILES, *OPTIONAL_FILES):
+        remote = f"{path}/{name}"
+        if fs.get_file_info(remote).type != pafs.FileType.File:
+            if name in REQUIRED_FILES:
+                raise ModelDirError(f"model URI {uri!r} is not a model directory: {name} is missing")
+            continue
+        pafs.copy_files(remote, str(local / name), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    return local
+
+
+def batch_buckets(max_batch_size: int) -> tuple[int, ...]:
+    """Batch sizes a compiled model is specialised for: powers of two up to, and including, the maximum."""
+    sizes, size = [], 1
+    while size < max_batch_size:
+        sizes.append(size)
+        size *= 2
+    return (*sizes, max_batch_size)
+
+
+class InferenceRunner:
+    """A loaded model directory: batched probabilities and the metadata an API shows.
+
+    ``compile_batches``: run the model under ``torch.compile``, padding every batch to the
+    next of these sizes so only that many graphs are ever built (``warmup`` builds them all).
+    """
+
+    def __init__(self, source: str | Path, device: str | torch.device | None = None,
+                 compile_batches: Sequence[int] | None = None):
+        self.source = str(source)
+        self.device = torch.device(device) if device is not None else default_device()
+        self._tmp: Path | None = None
+        local = self.source
+        if is_uri(self.source):
+            self._tmp = Path(tempfile.mkdtemp(prefix="sgmft-model-"))
+            local = fetch_model_dir(self.source, self._tmp)
+        try:
+            self.loaded: LoadedModel = load_model_dir(local, self.device)
+        except BaseException:
+            self.close()
+            raise
+        self.labels = self.loaded.labels
+        self.version = self.loaded.version
+        self.spec = PreprocessSpec.from_config(self.loaded.config)
+        self.buckets = tuple(sorted(set(compile_batches))) if compile_batches else ()
+        self._forward = torch.compile(self.loaded.model, dynamic=False) if self.buckets else self.loaded.model
+
+    def _padded(self, n: int) -> int:
+        for size in self.buckets:
+            if size >= n:
+                return size
+        return n
+
+    @torch.inference_mode()
+    def probabilities(self, input_ids: np.ndarray, pixel_values: np.ndarray) -> np.ndarray:
+        """int64 (B, L) and uint8 (B, 3, S, S) -> float32 (B, num_labels) probabilities."""
+        n = len(input_ids)
+        size = self._padded(n)
+        if size > n:  # pad rows are all-padding text and black images, and are dropped below
+            input_ids = np.concatenate([input_ids, np.zeros((size - n, *input_ids.shape[1:]), input_ids.dtype)])
+            pixel_values = np.concatenate([pixel_values, np.zeros((size - n, *pixel_values.shape[1:]), pixel_values.dtype)])
+        ids, pixels = to_device(input_ids, self.device), to_device(pixel_values, self.device)
+        with autocast(self.device):
+            logits = self._forward(ids, pixels).logits[:n]
+        return torch.softmax(logits.float(), dim=-1).cpu().numpy()
+
+    def top_k(self, probs: np.ndarray, k: int) -> list[list[dict[str, Any]]]:
+        """Per row, the ``k`` most probable labels as ``{"label", "probability"}``, best first."""
+        k = max(1, min(k, probs.shape[1]))
+        order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        return [[{"label": self.labels[j], "probability": float(row[j])} for j in idx] for row, idx in zip(probs, order)]
+
+    def predict_batch(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
+        """Column batch (text, image bytes, optional post_id/label) -> predictions; never raises on bad rows."""
+        inputs = preprocess_batch(batch, self.spec, on_error="record")
+        errors = np.asarray(inputs["error"], dtype=object)
+        ok = errors == ""
+        probs = np.zeros((len(errors), len(self.labels)), dtype=np.float32)
+        if ok.any():
+            probs[ok] = self.probabilities(inputs["input_ids"][ok], inputs["pixel_values"][ok])
+        predicted = np.array([self.labels[i] if good else None for i, good in zip(probs.argmax(-1), ok)], dtype=object)
+        out = {
+            "post_id": np.asarray(batch["post_id"], dtype=object) if "post_id" in batch else np.array([None] * len(errors), dtype=object),
+            "predicted_label": predicted,
+            "probability": np.where(ok, probs.max(-1), np.nan).astype(np.float32),
+            "probabilities": probs,
+            "error": errors,
+        }
+        if "label" in batch:
+            out["label"] = np.asarray(batch["label"], dtype=object)
+        return out
+
+    def predict_post(self, text: str, image: bytes, top_k: int = 3) -> dict[str, Any]:
+        """One post; a bad image raises ImageDecodeError (the caller decides how to report it)."""
+        inputs = preprocess_batch({"text": np.array([text], dtype=object), "image": np.array([image], dtype=object)}, self.spec)
+        (top,) = self.top_k(self.probabilities(inputs["input_ids"], inputs["pixel_values"]), top_k)
+        return {"label": top[0]["label"], "top_k": top, "model_version": self.version}
+
+    def warmup(self, batch_size: int = 2) -> None:
+        """Forwards on blank inputs, so no request pays for lazy initialisation or compilation."""
+        size, length = self.spec.image_size, self.spec.context_length
+        for n in self.buckets or (batch_size,):
+            self.probabilities(np.zeros((n, length), np.int64), np.zeros((n, 3, size, size), np.uint8))
+
+    def info(self) -> dict[str, Any]:
+        """JSON-able metadata: what GET /v1/model shows and what an ingress preprocesses with."""
+        return {
+            "version": self.version,
+            "source": self.source,
+            "labels": list(self.labels),
+            "device": str(self.device),
+            "compiled_batch_sizes": list(self.buckets),
+            "preprocess": {**dataclasses.asdict(self.spec), "pixels": "uint8, normalised on the model's device",
+                           "mean": list(CLIP_MEAN), "std": list(CLIP_STD)},
+            "config": config_to_dict(self.loaded.config),
+            "metrics": self.loaded.metrics,
+        }
+
+    def close(self) -> None:
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
+
+def spec_from_info(info: dict[str, Any]) -> PreprocessSpec:
+    """The preprocessing spec an :meth:`InferenceRunner.info` describes."""
+    fields = {f.name for f in dataclasses.fields(PreprocessSpec)}
+    return PreprocessSpec(**{k: v for k, v in info["preprocess"].items() if k in fields})

@@ -1,0 +1,80 @@
+"""The ingress's adaptive batcher, in-process: no timer at low load, full batches under load."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from serve_app.batching import AdaptiveBatcher
+
+
+class Model:
+    """A stand-in ``send`` that records batch sizes and holds each call until released."""
+
+    def __init__(self, fail_on: int | None = None):
+        self.batches: list[list[int]] = []
+        self.release = asyncio.Event()
+        self.running = 0
+        self.most_running = 0
+        self.fail_on = fail_on
+
+    async def send(self, items: list[int]) -> list[int]:
+        self.batches.append(items)
+        self.running += 1
+        self.most_running = max(self.most_running, self.running)
+        try:
+            await self.release.wait()
+            if self.fail_on in items:
+                raise RuntimeError("replica died")
+            return [i * 10 for i in items]
+        finally:
+            self.running -= 1
+
+
+def test_an_idle_batcher_sends_at_once():
+    async def main():
+        model = Model()
+        model.release.set()
+        batcher = AdaptiveBatcher(model.send, max_batch_size=8, max_in_flight=2)
+        assert await asyncio.wait_for(batcher.submit(3), timeout=1.0) == 30
+        assert model.batches == [[3]]
+
+    asyncio.run(main())
+
+
+def test_posts_arriving_while_busy_leave_together_in_full_batches_under_the_cap():
+    async def main():
+        model = Model()
+        batcher = AdaptiveBatcher(model.send, max_batch_size=4, max_in_flight=2)
+        first = asyncio.ensure_future(batcher.submit(0))
+        await asyncio.sleep(0)
+        rest = [asyncio.ensure_future(batcher.submit(i)) for i in range(1, 14)]
+        await asyncio.sleep(0.01)
+        # one batch of 1 went at once; one full batch of 4 while busy; the rest waits for the cap
+        assert model.batches == [[0], [1, 2, 3, 4]] and model.most_running == 2
+        model.release.set()
+        results = await asyncio.wait_for(asyncio.gather(first, *rest), timeout=2.0)
+        assert results == [i * 10 for i in range(14)]
+        assert sorted(i for batch in model.batches for i in batch) == list(range(14))
+        assert max(len(b) for b in model.batches) == 4 and model.most_running <= 2
+
+    asyncio.run(main())
+
+
+def test_a_failed_send_fails_its_own_posts_only():
+    async def main():
+        model = Model(fail_on=1)
+        batcher = AdaptiveBatcher(model.send, max_batch_size=1, max_in_flight=1)
+        futures = [asyncio.ensure_future(batcher.submit(i)) for i in range(3)]
+        await asyncio.sleep(0)
+        model.release.set()
+        done = await asyncio.gather(*futures, return_exceptions=True)
+        assert done[0] == 0 and isinstance(done[1], RuntimeError) and done[2] == 20
+
+    asyncio.run(main())
+
+
+def test_bad_limits_are_refused():
+    with pytest.raises(ValueError, match="max_batch_size"):
+        AdaptiveBatcher(Model().send, max_batch_size=0, max_in_flight=1)
