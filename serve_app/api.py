@@ -34,6 +34,7 @@ from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sgmft.config import ServeConfig
+from sgmft.data.labels import display_name
 from sgmft.data.preprocess import ImageDecodeError, PreprocessSpec, preprocess_batch, tokenize
 from sgmft.presets import PAD_TOKEN_ID
 from serve_app.auth import install_api_keys
@@ -259,29 +260,67 @@ Every error has the body `{"error": {"code": "...", "message": "..."}}`; a clien
 always a 4xx. In a batch, a bad post gets its own `error` and the others still answer."""
 
 
+@dataclass
+class PostPredictor:
+    """One post through THE preprocessing (in a thread: Pillow releases the GIL) and the backend."""
+
+    backend: Backend
+    spec: PreprocessSpec
+    max_text_chars: int
+    metrics: Metrics
+
+    async def predict(self, text: str, image: bytes) -> dict[str, Any]:
+        start = time.perf_counter()
+        post = await run_in_threadpool(prepare_post, text, image, self.spec, self.max_text_chars)
+        self.metrics.observe_preprocess(time.perf_counter() - start)
+        out = await self.backend.predict(post.input_ids, post.pixel_values)
+        return {"label": out["top_k"][0]["label"], "top_k": out["top_k"], "text_truncated": post.text_truncated,
+                "batch_size": out["batch_size"]}
+
+    async def batch_item(self, index: int, raw: Any) -> BatchItemResult:
+        """A post of a batch request: its own error object when it cannot be used."""
+        post_id = raw.get("post_id") if isinstance(raw, dict) else None
+        post_id = post_id if isinstance(post_id, str) and is_valid_unicode(post_id) else None  # echoed even on error
+        try:
+            post = parse_post(raw, prefix=f"posts[{index}].")
+            result = await self.predict(post.text, decode_base64_image(post.image_base64))
+        except ApiError as exc:
+            return BatchItemResult(index=index, post_id=post_id, error=ErrorDetail(code=exc.code, message=exc.message))
+        return BatchItemResult(index=index, post_id=post_id, **result)
+
+
+def batch_posts(body: Any, max_items: int) -> list[Any]:
+    """The posts of a batch request body: ``{"posts": [...]}`` or the bare list."""
+    if isinstance(body, list):
+        body = {"posts": body}
+    if not isinstance(body, dict) or "posts" not in body:
+        raise ApiError(422, "missing_field", 'posts: Field required (send {"posts": [...]} or a JSON list of posts)')
+    posts = body["posts"]
+    if not isinstance(posts, list):
+        raise ApiError(422, "invalid_field", f"posts: expected a list, got {type(posts).__name__}")
+    if not posts:
+        raise ApiError(422, "empty_batch", "posts: the list is empty")
+    if len(posts) > max_items:
+        raise ApiError(422, "too_many_posts", f"posts: {len(posts)} posts; at most {max_items} per request")
+    return posts
+
+
+def body_schema(content: dict[str, Any]) -> dict[str, Any]:
+    """OpenAPI request body of a route that parses its body by hand (two content types; per-post errors)."""
+    return {"requestBody": {"required": True, "content": {kind: {"schema": schema} for kind, schema in content.items()}}}
+
+
 def create_api(backend: Backend, serve_cfg: ServeConfig, spec: PreprocessSpec, metrics: Metrics | None = None) -> FastAPI:
     """The FastAPI app for one loaded model (``backend.info``)."""
     info = backend.info
     version = str(info["version"])
     metrics = metrics or NullMetrics()
+    posts = PostPredictor(backend, spec, serve_cfg.max_text_chars, metrics)
     app = FastAPI(title="SG-MFT semantic location prediction", version=version, description=DESCRIPTION)
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=serve_cfg.max_body_bytes)
     install_api_keys(app, serve_cfg.api_key_env, metrics)  # serve.api_key_env; inside the metrics, outside the body limit
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics, routes=app.router.routes)
-
-    async def predict_one(text: str, image: bytes) -> dict[str, Any]:
-        start = time.perf_counter()
-        post = await run_in_threadpool(prepare_post, text, image, spec, serve_cfg.max_text_chars)
-        metrics.observe_preprocess(time.perf_counter() - start)
-        out = await backend.predict(post.input_ids, post.pixel_values)
-        return {"label": out["top_k"][0]["label"], "top_k": out["top_k"], "text_truncated": post.text_truncated,
-                "batch_size": out["batch_size"]}
-
-    # The request bodies are parsed by hand (two content types; per-post errors in batches),
-    # so their schemas are given to OpenAPI explicitly.
-    def body_schema(content: dict[str, Any]) -> dict[str, Any]:
-        return {"requestBody": {"required": True, "content": {kind: {"schema": schema} for kind, schema in content.items()}}}
 
     @app.post("/v1/predict", response_model=Prediction, response_model_exclude_none=True, responses=ERROR_RESPONSES,
               openapi_extra=body_schema({JSON_TYPE: PostIn.model_json_schema(), MULTIPART_TYPE: MULTIPART_SCHEMA}))
@@ -293,7 +332,7 @@ def create_api(backend: Backend, serve_cfg: ServeConfig, spec: PreprocessSpec, m
             text, image, post_id = post.text, decode_base64_image(post.image_base64), post.post_id
         else:
             text, image, post_id = await read_multipart(request, serve_cfg.max_body_bytes)
-        return Prediction(post_id=post_id, model_version=version, **await predict_one(text, image))
+        return Prediction(post_id=post_id, model_version=version, **await posts.predict(text, image))
 
     @app.post("/v1/predict/batch", response_model=BatchResponse, response_model_exclude_none=True, responses=ERROR_RESPONSES,
               openapi_extra=body_schema({JSON_TYPE: batch_request_schema(serve_cfg.max_batch_items)}))
@@ -302,39 +341,15 @@ def create_api(backend: Backend, serve_cfg: ServeConfig, spec: PreprocessSpec, m
         A post that cannot be used (missing field, bad base64, unusable image) gets its own `error`;
         the others still answer (HTTP 200)."""
         require_media_type(request, (JSON_TYPE,))
-        body = await read_json(request)
-        if isinstance(body, list):  # a bare list of posts is accepted as well
-            body = {"posts": body}
-        if not isinstance(body, dict) or "posts" not in body:
-            raise ApiError(422, "missing_field", 'posts: Field required (send {"posts": [...]} or a JSON list of posts)')
-        posts = body["posts"]
-        if not isinstance(posts, list):
-            raise ApiError(422, "invalid_field", f"posts: expected a list, got {type(posts).__name__}")
-        if not posts:
-            raise ApiError(422, "empty_batch", "posts: the list is empty")
-        if len(posts) > serve_cfg.max_batch_items:
-            raise ApiError(422, "too_many_posts", f"posts: {len(posts)} posts; at most {serve_cfg.max_batch_items} per request")
-
-        async def one(index: int, raw: Any) -> BatchItemResult:
-            post_id = raw.get("post_id") if isinstance(raw, dict) else None
-            post_id = post_id if isinstance(post_id, str) and is_valid_unicode(post_id) else None  # echoed even on error
-            try:
-                post = parse_post(raw, prefix=f"posts[{index}].")
-                result = await predict_one(post.text, decode_base64_image(post.image_base64))
-            except ApiError as exc:
-                return BatchItemResult(index=index, post_id=post_id, error=ErrorDetail(code=exc.code, message=exc.message))
-            return BatchItemResult(index=index, post_id=post_id, **result)
-
+        items = batch_posts(await read_json(request), serve_cfg.max_batch_items)
         # Items are batched in the ingress with every other request's posts before the model call.
-        results = await asyncio.gather(*(one(i, raw) for i, raw in enumerate(posts)))
+        results = await asyncio.gather(*(posts.batch_item(i, raw) for i, raw in enumerate(items)))
         failed = sum(r.error is not None for r in results)
         return BatchResponse(model_version=version, results=results, num_ok=len(results) - failed, num_failed=failed)
 
     @app.get("/v1/labels", response_model=LabelsResponse)
     async def labels() -> LabelsResponse:
         """The model's label set, in output order, with display names."""
-        from sgmft.data.labels import display_name
-
         return LabelsResponse(labels=info["labels"], display_names={x: display_name(x) for x in info["labels"]})
 
     @app.get("/v1/model", response_model=ModelResponse)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import csv
 import json
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -316,19 +316,8 @@ def build_dataset(
     schema.check_fractions(val_frac, test_frac)
     sources = [source] if isinstance(source, (str, Path)) else list(source)
     ignored: Counter = Counter()
-    if kind == "manifest":
-        if len(sources) != 1:
-            raise DatasetError(f"a manifest build takes one manifest file, got {len(sources)}")
-        posts = read_manifest(sources[0], image_root, ignored)
-    else:
-        if image_root is None:
-            raise DatasetError("a Weibo build needs the image folder (image_root / --images)")
-        if label_source is None and not unlabeled:
-            raise DatasetError("a Weibo build needs a label source (post id -> label), or unlabeled=True")
-        posts = read_weibo(sources, image_root, load_label_source(label_source) if label_source else {})
-
     checker = _Checker(labels, unlabeled, max_image_pixels)
-    for post in posts:
+    for post in _read_posts(kind, sources, image_root, label_source, unlabeled, ignored):
         checker.add(post)
     kept, quarantine = checker.kept, checker.quarantine
     if checker.read != len(kept) + len(quarantine):
@@ -337,21 +326,8 @@ def build_dataset(
     out = schema.prepare_output_dir(out_dir, overwrite)
     if labels is None:
         labels = sorted({row["label"] for row in kept if row["label"] is not None})
-    unsplit = [i for i, row in enumerate(kept) if row["split"] is None and row["label"] is not None]
-    for i, split in zip(unsplit, schema.stratified_split([kept[i]["label"] for i in unsplit], val_frac, test_frac, seed)):
-        kept[i]["split"] = split
-    for row in kept:
-        row["split"] = row["split"] or "test"  # only unlabeled rows are still without a split
-    table_schema = _meta_schema(kept)
-    for split in schema.SPLITS:
-        rows = [{k: v for k, v in row.items() if k != "split"} for row in kept if row["split"] == split]
-        if rows or not unlabeled:  # a labeled dataset always has all three splits
-            schema.write_split(rows, out, split, rows_per_shard, table_schema)
-    schema.write_labels(out, labels)
-    schema.write_quarantine(out, quarantine)
-
-    counts = {s: dict(sorted(Counter(r["label"] or "(unlabeled)" for r in kept if r["split"] == s).items()))
-              for s in schema.SPLITS}
+    _assign_splits(kept, val_frac, test_frac, seed)
+    _write(out, kept, quarantine, labels, rows_per_shard, unlabeled)
     report = {
         "kind": kind,
         "sources": [str(s) for s in sources],
@@ -359,14 +335,58 @@ def build_dataset(
         "label_source": None if label_source is None else str(label_source),
         "seed": seed, "val_frac": val_frac, "test_frac": test_frac, "unlabeled": unlabeled,
         "labels": labels,
-        "read": checker.read, "kept": len(kept), "quarantined": len(quarantine),
-        "quarantine_reasons": dict(sorted(Counter(q["reason"] for q in quarantine).items())),
-        "splits": {s: sum(c.values()) for s, c in counts.items()},
-        "counts": counts,
-        "ignored_fields": dict(sorted(ignored.items())),
+        **_tallies(checker, ignored),
     }
     schema.write_json(out / schema.REPORT_FILE, report)
     if not kept:
         raise DatasetError(f"no usable rows among {checker.read} read: all went to {out / schema.QUARANTINE_FILE} "
                            f"({report['quarantine_reasons']})")
     return report
+
+
+def _tallies(checker: _Checker, ignored: Counter) -> dict[str, Any]:
+    """What was read, kept and quarantined, per reason, split and label."""
+    kept, quarantine = checker.kept, checker.quarantine
+    counts = {s: dict(sorted(Counter(r["label"] or "(unlabeled)" for r in kept if r["split"] == s).items()))
+              for s in schema.SPLITS}
+    return {
+        "read": checker.read, "kept": len(kept), "quarantined": len(quarantine),
+        "quarantine_reasons": dict(sorted(Counter(q["reason"] for q in quarantine).items())),
+        "splits": {s: sum(c.values()) for s, c in counts.items()},
+        "counts": counts,
+        "ignored_fields": dict(sorted(ignored.items())),
+    }
+
+
+def _read_posts(kind: str, sources: list[str | Path], image_root: str | Path | None, label_source: str | Path | None,
+                unlabeled: bool, ignored: Counter) -> Iterable[RawPost]:
+    """The raw posts of a manifest or of Weibo dumps, checked for what each kind needs."""
+    if kind == "manifest":
+        if len(sources) != 1:
+            raise DatasetError(f"a manifest build takes one manifest file, got {len(sources)}")
+        return read_manifest(sources[0], image_root, ignored)
+    if image_root is None:
+        raise DatasetError("a Weibo build needs the image folder (image_root / --images)")
+    if label_source is None and not unlabeled:
+        raise DatasetError("a Weibo build needs a label source (post id -> label), or unlabeled=True")
+    return read_weibo(sources, image_root, load_label_source(label_source) if label_source else {})
+
+
+def _assign_splits(kept: list[dict[str, Any]], val_frac: float, test_frac: float, seed: int) -> None:
+    """Stratified splits for labeled rows the source left unsplit; unlabeled rows go to test."""
+    unsplit = [i for i, row in enumerate(kept) if row["split"] is None and row["label"] is not None]
+    for i, split in zip(unsplit, schema.stratified_split([kept[i]["label"] for i in unsplit], val_frac, test_frac, seed)):
+        kept[i]["split"] = split
+    for row in kept:
+        row["split"] = row["split"] or "test"
+
+
+def _write(out: Path, kept: list[dict[str, Any]], quarantine: list[dict[str, Any]], labels: list[str],
+           rows_per_shard: int, unlabeled: bool) -> None:
+    table_schema = _meta_schema(kept)
+    for split in schema.SPLITS:
+        rows = [{k: v for k, v in row.items() if k != "split"} for row in kept if row["split"] == split]
+        if rows or not unlabeled:  # a labeled dataset always has all three splits
+            schema.write_split(rows, out, split, rows_per_shard, table_schema)
+    schema.write_labels(out, labels)
+    schema.write_quarantine(out, quarantine)
