@@ -12,6 +12,12 @@ from sgmft.local_ray import HeadNode, quiet_data, set_local_env
 
 set_local_env()
 
+# Ray installs a warnings filter of its own ("module" for RayDeprecationWarning) when
+# ray.util.annotations is first imported. Imported inside a test, it would sit in front of
+# pyproject's filterwarnings for that test and a deprecated Ray call of ours would pass;
+# imported here, before any test, it never does.
+import ray.util.annotations  # noqa: E402,F401
+
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO.parent / "shared" / "corpus"
 # HTTP API keys in the session cluster's environment (serve.api_key_env), fresh per session
@@ -67,3 +73,11 @@ def ray_cluster(ray_head):
                  logging_level="WARNING", log_to_driver=False)
         quiet_data()
     return ray
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test that needs the session's Ray cluster is slow, however it reaches it, so
+    ``pytest -m "not slow"`` is a fast lane that starts no Ray at all."""
+    for item in items:
+        if "ray_head" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)

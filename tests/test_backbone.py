@@ -35,7 +35,7 @@ def _redraw_every_parameter(module: torch.nn.Module, seed: int = 0) -> None:
             param.copy_(noise + (1.0 if ("ln" in name or "norm" in name) and name.endswith("weight") else 0.0))
 
 
-@pytest.mark.parametrize("preset", ["tiny", "small"])
+@pytest.mark.parametrize("preset", ["tiny", pytest.param("small", marks=pytest.mark.slow)])
 def test_cn_clip_and_hf_give_the_same_embeddings(preset):
     torch.manual_seed(0)
     native = CnClipBackbone(preset).eval()
@@ -77,6 +77,7 @@ def test_released_presets_build_from_cn_clip_jsons():
     assert architecture("RN50")["vision_layers"] == [3, 4, 6, 3]
 
 
+@pytest.mark.slow  # builds a full RN50
 def test_rn50_gives_spatial_tokens():
     backbone = CnClipBackbone("RN50").eval()
     with torch.no_grad():
@@ -131,6 +132,7 @@ def test_hf_refuses_download_root_without_a_checkpoint_and_incomplete_directorie
         build_backbone(BackboneConfig(preset="tiny", implementation="hf", checkpoint=str(tmp_path / "hf")))
 
 
+@pytest.mark.slow  # builds a full RN50
 def test_rn50_stages_count_as_layers_1_to_4():
     backbone = CnClipBackbone("RN50")
     assert backbone.layer_of("visual.layer1.0.conv1.weight") == (1, 4)

@@ -63,11 +63,14 @@ def test_ray_job_submit_runs_the_train_job(ray_head, tmp_path):
            "--working-dir", str(REPO), "--", sys.executable, "-m", "jobs.train", "--config", "jobs/configs/demo.yaml",
            "--set", f"train.storage_path={tmp_path}", "--set", "train.run_name=job", "--set", "train.epochs=1",
            "--set", "data.synth.n=160", "--set", "data.batch_size=16"]
-    for _ in range(6):
-        done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=420)
-        # the dashboard accepts jobs only once its agent on the head has registered; on a busy
-        # machine that can lag the dashboard's own start by tens of seconds
-        if "No available agent" not in done.stdout + done.stderr:
+    # The dashboard accepts jobs only once its agent on the head has registered; on a busy
+    # machine that can lag the dashboard's own start by tens of seconds. Retries stay inside
+    # one deadline that ends well before the per-test timeout.
+    deadline = time.monotonic() + 480
+    while True:
+        done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True,
+                              timeout=max(60.0, deadline - time.monotonic()))
+        if "No available agent" not in done.stdout + done.stderr or time.monotonic() + 10 > deadline:
             break
         time.sleep(10)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
