@@ -6,7 +6,7 @@ import argparse
 import signal
 import threading
 
-from sgmft.cli import add_config_args, config_from_args
+from sgmft.cli_args import add_config_args, config_from_args
 
 APP_NAME = "sgmft"
 
@@ -19,6 +19,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--model", help="model directory: a path, or a URI (s3://, gs://, file://); "
                                         "defaults to serve.model_dir of the config")
     parser.add_argument("--name", default=APP_NAME, help="Serve application name (default: %(default)s)")
+    parser.add_argument("--host", help="address to listen on (serve.host, default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port to listen on (serve.port, default 8000)")
     add_config_args(parser)
     parser.set_defaults(func=serve_command)
 
@@ -27,11 +29,18 @@ def serve_command(args: argparse.Namespace) -> int:
     import os
 
     from sgmft.checkpoint import ModelDirError
-    from serve_app.model import is_uri, resolve_source
+    from sgmft.config import ConfigError
+    from sgmft.inference import is_uri, resolve_source
 
     cfg = config_from_args(args)
     if args.model:
         cfg.serve.model_dir = args.model
+    if args.host:
+        cfg.serve.host = args.host
+    if args.port is not None:
+        if not 0 < args.port < 65536:
+            raise ConfigError(f"--port {args.port}: must be between 1 and 65535")
+        cfg.serve.port = args.port
     if not cfg.serve.model_dir:
         raise ModelDirError("no model directory: pass --model DIR or set serve.model_dir")
     cfg.serve.model_dir = resolve_source(cfg.serve.model_dir)

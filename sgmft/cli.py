@@ -1,4 +1,9 @@
-"""The ``sgmft`` command line. Each command imports its heavy modules only when it runs."""
+"""The ``sgmft`` command line. Each command imports its heavy modules only when it runs.
+
+The command groups live next to the code they run (``sgmft.commands``, ``sgmft.data.cli``,
+``serve_app.cli``); they take their shared arguments from :mod:`sgmft.cli_args`, never
+from this module, so the imports only go one way.
+"""
 
 from __future__ import annotations
 
@@ -6,19 +11,12 @@ import argparse
 import sys
 from typing import Callable
 
-from sgmft.config import Config, ConfigError, load_config
+from serve_app import cli as serve_cli
+from sgmft import commands
+from sgmft.config import ConfigError
+from sgmft.data import cli as data_cli
 
 Command = Callable[[argparse.Namespace], int | None]
-
-
-def add_config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML config file (defaults when omitted)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set train.lr=3e-4 (repeatable)")
-
-
-def config_from_args(args: argparse.Namespace) -> Config:
-    return load_config(getattr(args, "config", None), getattr(args, "overrides", []))
 
 
 def _model_summary(args: argparse.Namespace) -> None:
@@ -32,31 +30,17 @@ def _model_summary(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sgmft", description="SG-MFT semantic location prediction on Ray")
-    commands = parser.add_subparsers(dest="command", required=True)
+    subcommands = parser.add_subparsers(dest="command", required=True)
 
-    model = commands.add_parser("model", help="inspect model architectures").add_subparsers(dest="model_command", required=True)
+    model = subcommands.add_parser("model", help="inspect model architectures").add_subparsers(dest="model_command", required=True)
     summary = model.add_parser("summary", help="parameters and forward FLOPs of backbone and head")
     summary.add_argument("--preset", default="tiny")
     summary.add_argument("--implementation", choices=["cn_clip", "hf"], default="cn_clip")
     summary.set_defaults(func=_model_summary)
 
-    for register in _registrars():
-        register(commands)
+    for group in (data_cli, commands, serve_cli):
+        group.register(subcommands)
     return parser
-
-
-def _registrars() -> list[Callable[[argparse._SubParsersAction], None]]:
-    """Command groups defined next to the code they run."""
-    import importlib
-
-    found = []
-    for module in ("sgmft.data.cli", "sgmft.commands", "serve_app.cli"):
-        try:
-            found.append(importlib.import_module(module).register)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
-    return found
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,6 +37,9 @@ LOCAL_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
     # Ray Data's progress bars interleave with the per-epoch lines of every worker and trial
     "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+    # Ray Train's workers would send every print() both to their stdout and, through its
+    # logger, to their stderr: each line reached the driver twice
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
 }
 
 
@@ -95,32 +98,77 @@ def quiet_data() -> None:
     ctx.print_on_execution_start = False
 
 
-def connect(num_cpus: int | None = None, quiet: bool = True) -> None:
-    """Join RAY_ADDRESS's cluster, or start a local one on this machine.
+def connect(num_cpus: int | None = None, quiet: bool = True, worker_log: str | Path | None = None) -> bool:
+    """Join RAY_ADDRESS's cluster, or start a local one on this machine; True if this call
+    did either (False: Ray was already initialized, and nothing was changed).
 
     A local cluster gets its own token (see the module doc); a joined one is reached with
     the authentication of this process's environment (RAY_AUTH_MODE, RAY_AUTH_TOKEN[_PATH]).
-    Worker output (the per-epoch progress lines) always reaches the driver; ``quiet``
-    only turns Ray Data's progress bars off.
+    The output of Ray's workers reaches this driver's console, or with ``worker_log`` that
+    file only. ``quiet`` turns Ray Data's progress bars off.
     """
     set_local_env()  # before Ray is imported: it reads some of these at import time
     import ray
 
     if ray.is_initialized():
-        return
+        return False
+    dispatcher = _worker_output_dispatcher() if worker_log else None
+    # with no way to redirect the workers' output, a log file means not forwarding it at all
+    log_to_driver = dispatcher is not None or not worker_log
     repo = str(Path(__file__).resolve().parents[1])
     runtime_env = {"env_vars": {**LOCAL_ENV, "PYTHONPATH": repo}}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], logging_level="WARNING")
+        ray.init(address=os.environ["RAY_ADDRESS"], logging_level="WARNING", log_to_driver=log_to_driver)
     else:
         temp_dir = short_temp_dir()
         # Ray's processes started by ray.init inherit this environment, so they share the token
         use_token(new_token_file(temp_dir))
         # the dashboard serves the State API, which Ray Train's placement-group cleaner polls
         ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
-                 _temp_dir=temp_dir, runtime_env=runtime_env, logging_level="WARNING")
+                 _temp_dir=temp_dir, runtime_env=runtime_env, logging_level="WARNING", log_to_driver=log_to_driver)
+    if dispatcher is not None:
+        _write_worker_output_to(dispatcher, Path(worker_log))
     if quiet:
         quiet_data()
+    return True
+
+
+def _autoscaler_events(lines: list[str]) -> list[str]:
+    try:
+        from ray._private.worker import filter_autoscaler_events
+
+        return list(filter_autoscaler_events(lines))
+    except Exception:
+        return []
+
+
+_PRINT_HANDLER = "ray_print_logs"  # the name ray.init gives the handler that prints worker output
+
+
+def _worker_output_dispatcher():
+    """Ray's dispatcher of the worker output it forwards to the driver, if this Ray has one."""
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:
+        return None
+    return dispatcher if hasattr(dispatcher, "add_handler") and hasattr(dispatcher, "remove_handler") else None
+
+
+def _write_worker_output_to(dispatcher, path: Path) -> None:
+    """Replace the printing of forwarded worker output with appending it to ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    log = open(path, "a", buffering=1, encoding="utf-8", errors="backslashreplace")
+
+    def write(batch: dict) -> None:
+        lines = batch.get("lines", [])
+        if batch.get("pid") == "autoscaler":  # its periodic status dumps: only the events, as Ray prints them
+            lines = _autoscaler_events(lines)
+        source = batch.get("actor_name") or batch.get("task_name") or ""
+        prefix = f"({source} pid={batch.get('pid')}{' stderr' if batch.get('is_err') else ''}) "
+        log.writelines(prefix + line + "\n" for line in lines)
+
+    dispatcher.remove_handler(_PRINT_HANDLER)
+    dispatcher.add_handler(_PRINT_HANDLER, write)  # ray.shutdown removes it by this name
 
 
 @dataclass

@@ -54,7 +54,7 @@ def predictions(model_dir: str | Path, data: str | Path, split: str | None = Non
 
     check_model_dir(model_dir)  # a bad path is the caller's error here, not a failed actor later
     posts = read_posts(data, split)
-    progress.expect("predict", posts.count, f"predict {split or Path(data).name}")
+    progress.expect("predict", posts.count, f"predict {split or 'posts'}")
     return posts.map_batches(
         _RayPredictor, fn_constructor_kwargs={"model_dir": str(Path(model_dir).resolve())}, batch_size=batch_size,
         batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=concurrency), num_gpus=num_gpus, num_cpus=num_cpus,

@@ -26,6 +26,7 @@ from sgmft.checkpoint import write_model_files
 from sgmft.config import Config, config_from_dict
 from sgmft.metrics import classification_report
 from sgmft.models.backbone import BackboneOutput
+from sgmft.progress import Reporter
 from sgmft.runs import TRAIN_STATE
 
 FEATURE_COLUMNS = ("text_tokens", "text_mask", "image_tokens", "text_embeds", "image_embeds")
@@ -73,6 +74,45 @@ def _save_checkpoint(model, cfg, labels, metrics, state) -> "Any":
     return directory, Checkpoint.from_directory(str(directory))
 
 
+class RayTrainSession:
+    """What the loop asks of whoever runs it; by default Ray Train (a TorchTrainer worker).
+
+    A single-worker Tune trial runs the same loop in its own process with
+    :class:`sgmft.tune.TrialSession` instead: no worker group and no process group to start.
+    """
+
+    def rank_world(self) -> tuple[int, int]:
+        import ray.train
+
+        ctx = ray.train.get_context()
+        return ctx.get_world_rank(), ctx.get_world_size()
+
+    def device(self) -> torch.device:
+        import ray.train.torch
+
+        return ray.train.torch.get_device()
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model)
+
+    def checkpoint(self):
+        import ray.train
+
+        return ray.train.get_checkpoint()
+
+    def dataset(self, name: str):
+        import ray.train
+
+        return ray.train.get_dataset_shard(name)
+
+    def report(self, metrics: dict[str, Any], checkpoint=None, checkpoint_dir_name: str | None = None) -> None:
+        import ray.train
+
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_dir_name)
+
+
 @dataclass
 class WorkerRun:
     """What one Ray Train worker holds across epochs."""
@@ -90,14 +130,21 @@ class WorkerRun:
     start_epoch: int = 0
     global_step: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
+    progress: Reporter | None = None
+    """Rank 0's line to the driver's console (steps and epoch lines); None on other ranks."""
+    session: RayTrainSession = field(default_factory=RayTrainSession)
+
+    def say(self, line: str) -> None:
+        """A line for the user: printed by the driver when it shows progress, else here."""
+        if self.progress is None or not self.progress.message(line):
+            print(line, flush=True)
 
 
-def _restored_state(model: torch.nn.Module) -> dict[str, Any] | None:
-    """Weights into ``model`` and the training state of Ray Train's latest checkpoint, if any."""
-    import ray.train
+def _restored_state(model: torch.nn.Module, session: RayTrainSession) -> dict[str, Any] | None:
+    """Weights into ``model`` and the training state of the run's latest checkpoint, if any."""
     from safetensors.torch import load_model
 
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = session.checkpoint()
     if not checkpoint:
         return None
     with checkpoint.as_directory() as directory:
@@ -105,39 +152,44 @@ def _restored_state(model: torch.nn.Module) -> dict[str, Any] | None:
         return torch.load(Path(directory) / TRAIN_STATE, map_location="cpu", weights_only=True)
 
 
-def setup_worker(loop: dict[str, Any]) -> WorkerRun:
-    """Model on its device, optimizer and schedule (restored when resuming), DDP, loss."""
-    import ray.train
-    import ray.train.torch
+def setup_worker(loop: dict[str, Any], session: RayTrainSession | None = None) -> WorkerRun:
+    """Model on its device, optimizer and schedule (restored when resuming), DDP, loss.
 
-    from sgmft.models.sgmft import build_model
+    On cached features (``loop["head_widths"]``) the model is the head alone: no backbone
+    is built, and checkpoints hold the head (completed with its backbone on export).
+    """
+    from sgmft.models.sgmft import SGMFTHeadModel, build_model
     from sgmft.optim import build_optimization
 
+    session = session or RayTrainSession()
     cfg: Config = config_from_dict(loop["config"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    rank, world = session.rank_world()
     torch.set_num_threads(loop["torch_threads"])
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    device = ray.train.torch.get_device()
+    device = session.device()
     steps_per_epoch = loop["train_rows"] // world // cfg.data.batch_size
     if steps_per_epoch < 1:
         raise ValueError(f"{loop['train_rows']} training rows give no full batch of {cfg.data.batch_size} per worker on {world} workers")
     total_updates = math.ceil(steps_per_epoch / cfg.train.grad_accum_steps) * cfg.train.epochs
 
-    model = build_model(cfg.model, load_pretrained=True)
-    state = _restored_state(model)
+    if loop.get("head_widths"):
+        model = SGMFTHeadModel(cfg.model, **loop["head_widths"])
+    else:
+        model = build_model(cfg.model, load_pretrained=True)
+    state = _restored_state(model, session)
     optimizer, scheduler = build_optimization(model, cfg.train, device, total_updates, state)
     weights = torch.tensor(loop["class_weights"], dtype=torch.float32, device=device) if loop["class_weights"] else None
     run = WorkerRun(cfg=cfg, labels=loop["labels"], rank=rank, world=world, device=device,
-                    model=ray.train.torch.prepare_model(model), optimizer=optimizer, scheduler=scheduler,
+                    model=session.prepare_model(model), optimizer=optimizer, scheduler=scheduler,
                     loss_fn=torch.nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.train.label_smoothing),
-                    steps_per_epoch=steps_per_epoch)
+                    steps_per_epoch=steps_per_epoch, progress=Reporter(loop["run_dir"]) if rank == 0 else None,
+                    session=session)
     if state is not None:
         run.start_epoch, run.global_step = state["epoch"] + 1, state["global_step"]
         run.history = json.loads(state["history"])
         torch.set_rng_state(state["rng"])
         if rank == 0:
-            print(f"[sgmft] resumed from epoch {state['epoch'] + 1} (step {run.global_step})", flush=True)
+            run.say(f"resumed from epoch {state['epoch'] + 1} (step {run.global_step})")
     return run
 
 
@@ -155,6 +207,10 @@ def train_epoch(run: WorkerRun, shard, epoch: int, marker: Path) -> tuple[float,
     started, wait_time, loss_sum, seen = time.monotonic(), 0.0, 0.0, 0
     batches = iter(_batches(shard, cfg, epoch, run.device, shuffle=True))
     accum = cfg.train.grad_accum_steps
+    # posts across all ranks (every rank runs the same steps of the same batch size)
+    per_step, desc = cfg.data.batch_size * run.world, f"epoch {epoch + 1}/{cfg.train.epochs}"
+    if run.progress:
+        run.progress.update(0, run.steps_per_epoch * per_step, desc, force=True)
     for step in range(run.steps_per_epoch):
         fetch = time.monotonic()
         batch = next(batches)
@@ -174,6 +230,8 @@ def train_epoch(run: WorkerRun, shard, epoch: int, marker: Path) -> tuple[float,
         loss_sum += loss.detach() * len(batch["label_id"])
         seen += len(batch["label_id"])
         run.global_step += 1
+        if run.progress:
+            run.progress.update((step + 1) * per_step, run.steps_per_epoch * per_step, desc)
     for _ in batches:  # drain what equal splitting left over so the iterator closes cleanly
         pass
     # one host sync per epoch, not per step: .item() in the loop would stall the GPU queue
@@ -222,34 +280,30 @@ def epoch_metrics(run: WorkerRun, epoch: int, train_stats: tuple[float, int, flo
 
 
 def report_epoch(run: WorkerRun, epoch: int, metrics: dict[str, Any], report: dict[str, Any], started: float) -> None:
-    """Rank 0 prints the epoch line and reports a checkpoint; the others report metrics only."""
-    import ray.train
-
+    """Rank 0 says the epoch line and reports a checkpoint; the others report metrics only."""
     cfg = run.cfg
     run.history.append({k: metrics[k] for k in HISTORY_KEYS})
     if run.rank != 0:
-        ray.train.report(metrics, checkpoint=None)
+        run.session.report(metrics, checkpoint=None)
         return
     elapsed = time.monotonic() - started
     remaining = elapsed / (epoch + 1 - run.start_epoch) * (cfg.train.epochs - epoch - 1)
-    print(f"[sgmft] epoch {epoch + 1}/{cfg.train.epochs}  loss {metrics['train_loss']:.4f}  "
-          f"val acc {report['accuracy']:.3f}  macro-F1 {report['macro_f1']:.3f}  "
-          f"{metrics['samples_per_s']:.1f} samples/s  data wait {metrics['data_wait_share']:.0%}  ETA {remaining:.0f}s", flush=True)
+    run.say(f"epoch {epoch + 1}/{cfg.train.epochs}  loss {metrics['train_loss']:.4f}  "
+            f"val acc {report['accuracy']:.3f}  macro-F1 {report['macro_f1']:.3f}  "
+            f"{metrics['samples_per_s']:.1f} samples/s  data wait {metrics['data_wait_share']:.0%}  ETA {remaining:.0f}s")
     state = {
         "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(), "epoch": epoch,
         "global_step": run.global_step, "rng": torch.get_rng_state(), "history": json.dumps(run.history),
     }
     directory, ckpt = _save_checkpoint(run.model, cfg, run.labels, {**metrics, "val_report": report}, state)
-    ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch-{epoch + 1:04d}")
+    run.session.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch-{epoch + 1:04d}")
     shutil.rmtree(directory, ignore_errors=True)
 
 
-def train_loop_per_worker(loop: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker."""
-    import ray.train
-
-    run = setup_worker(loop)
-    train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+def train_loop_per_worker(loop: dict[str, Any], session: RayTrainSession | None = None) -> None:
+    """Runs on every Ray Train worker (or, with a :class:`sgmft.tune.TrialSession`, in a Tune trial)."""
+    run = setup_worker(loop, session)
+    train_shard, val_shard = run.session.dataset("train"), run.session.dataset("val")
     marker = Path(loop["run_dir"]) / ".fail_once_done"
     started = time.monotonic()
     for epoch in range(run.start_epoch, run.cfg.train.epochs):
