@@ -209,12 +209,9 @@ def _weibo_lines(n: int, start_id: int = 3900000000000000) -> list[str]:
     return lines
 
 
-def test_weibo_dump_build_on_a_generated_dump(tmp_path):
-    dump = tmp_path / "test_nonrumor.txt"
-    dump.write_text("\n".join(_weibo_lines(200)) + "\n", encoding="utf-8-sig")  # with a BOM, as the corpus
-    posts = list(parse_weibo_dump(dump))
-    assert all(isinstance(p, WeiboPost) for p in posts) and len(posts) == 200
-    assert posts[0].publish_time_ms == 1447078683000 and posts[1].image_urls[-1].endswith("b0001y.jpg")
+def _images_and_labels(posts: list[WeiboPost], tmp_path: Path) -> tuple[list[WeiboPost], Path]:
+    """Images on disk for the first 40 posts that list one, and labels for 30 of them plus 5
+    posts without an image: the build keeps 30, quarantines 10 as label_missing."""
     images = tmp_path / "images" / "nonrumor_images"
     images.mkdir(parents=True)
     with_images = [p for p in posts if p.image_urls][:40]
@@ -227,6 +224,16 @@ def test_weibo_dump_build_on_a_generated_dump(tmp_path):
         writer = csv.writer(fh)
         writer.writerow(["post_id", "label"])
         writer.writerows([p.post_id, LABELS[i % 3]] for i, p in enumerate(labelled))
+    return with_images, label_file
+
+
+def test_weibo_dump_build_on_a_generated_dump(tmp_path):
+    dump = tmp_path / "test_nonrumor.txt"
+    dump.write_text("\n".join(_weibo_lines(200)) + "\n", encoding="utf-8-sig")  # with a BOM, as the corpus
+    posts = list(parse_weibo_dump(dump))
+    assert all(isinstance(p, WeiboPost) for p in posts) and len(posts) == 200
+    assert posts[0].publish_time_ms == 1447078683000 and posts[1].image_urls[-1].endswith("b0001y.jpg")
+    with_images, label_file = _images_and_labels(posts, tmp_path)
     report = build_dataset([dump], tmp_path / "ds", "weibo", image_root=tmp_path / "images",
                            label_source=label_file, labels=LABELS, seed=0)
     assert report["read"] == 200 and report["kept"] == 30
@@ -260,18 +267,7 @@ def _weibo_files(corpus: Path) -> list[Path]:
 def test_weibo_dump_build_on_the_real_corpus(corpus, tmp_path):
     posts = [p for f in _weibo_files(corpus) for p in parse_weibo_dump(f)]
     assert all(isinstance(p, WeiboPost) for p in posts) and len(posts) == 1996
-    images = tmp_path / "images" / "nonrumor_images"
-    images.mkdir(parents=True)
-    with_images = [p for p in posts if p.image_urls][:40]
-    for i, post in enumerate(with_images):
-        # The second listed image is the one on disk: the builder must look past the first.
-        _write_image(images / image_name(post.image_urls[-1]), i % 3, i)
-    labelled = with_images[:30] + [p for p in posts if p.image_urls][100:105]
-    label_file = tmp_path / "labels.csv"
-    with open(label_file, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["post_id", "label"])
-        writer.writerows([p.post_id, LABELS[i % 3]] for i, p in enumerate(labelled))
+    with_images, label_file = _images_and_labels(posts, tmp_path)
     report = build_dataset(_weibo_files(corpus), tmp_path / "ds", "weibo", image_root=tmp_path / "images",
                            label_source=label_file, labels=LABELS, seed=0)
     assert report["read"] == 1996 and report["kept"] == 30
