@@ -2,7 +2,7 @@ import pytest
 import yaml
 
 from sgmft.cli import main
-from sgmft.config import ConfigError, Config, apply_overrides, config_from_dict, config_to_dict, load_config, save_config
+from sgmft.config import ConfigError, apply_overrides, config_from_dict, config_to_dict, load_config, save_config
 
 
 def test_defaults_round_trip_through_yaml(tmp_path):
