@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from sgmft.config import Config, config_to_dict
+from sgmft.config import Config
 
 # Each variant is a set of config overrides on top of the full model (DESIGN.md's switches).
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -32,44 +33,49 @@ class AblationOutcome:
 
 
 def ablate(cfg: Config, variants: list[str] | None = None, seeds: list[int] | None = None) -> AblationOutcome:
-    """Train every variant with every seed on the same data, evaluate each on the test split."""
+    """Train every variant with every seed on the same data, evaluate each on the test split.
+
+    Each (variant, seed) is a :func:`sgmft.tune.run_trial` trial whose ``variant``
+    parameter names one of :data:`VARIANTS`; the data is prepared once for all of them.
+    Each trial's best checkpoint is evaluated where it lies (a checkpoint is a model
+    directory): nothing is exported.
+    """
     from ray import tune as ray_tune
 
     from sgmft.evaluate import evaluate_local
-    from sgmft.train import export_best, resolve_dataset
-    from sgmft.tune import TRIAL_DRIVER_CPU, _trial_fn, concurrency, trial_config
+    from sgmft.runs import best_checkpoint, export_best, resolve_dataset, trial_result
+    from sgmft.tune import concurrency, in_process, run_config, search_setup, trainable
 
     variants = variants or list(VARIANTS)
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown ablation variants {unknown}; known: {list(VARIANTS)}")
     seeds = seeds or [0, 1, 2]
-    directory = Path(cfg.train.storage_path).resolve() / cfg.train.run_name
-    trials_dir = directory / "trials"
-    trials_dir.mkdir(parents=True, exist_ok=True)
-    dataset_dir = resolve_dataset(cfg)  # built once, before trials, so every variant sees the same data
+    dataset_dir = resolve_dataset(cfg)  # the posts every trial is tested on
     cfg.data.path = str(dataset_dir)
-    base = config_to_dict(cfg)
-    param_space = {"__variant__": ray_tune.grid_search(variants), "train.seed": ray_tune.grid_search(seeds),
-                   "__base__": base, "__trials_dir__": str(trials_dir), "__variants__": VARIANTS}
+    setup = search_setup(cfg, groups={"variant": VARIANTS})  # every variant sees the same data, prepared once
+    directory = Path(setup.search_dir)
     tuner = ray_tune.Tuner(
-        ray_tune.with_resources(_trial_fn, {"CPU": TRIAL_DRIVER_CPU}), param_space=param_space,
-        tune_config=ray_tune.TuneConfig(metric=cfg.train.metric, mode=cfg.train.metric_mode, max_concurrent_trials=concurrency(cfg)),
-        run_config=ray_tune.RunConfig(name="ablate", storage_path=str(directory), verbose=0),
+        trainable(cfg, setup), param_space={"variant": ray_tune.grid_search(variants), "train.seed": ray_tune.grid_search(seeds)},
+        tune_config=ray_tune.TuneConfig(metric=cfg.train.metric, mode=cfg.train.metric_mode, max_concurrent_trials=concurrency(cfg),
+                                        reuse_actors=in_process(cfg)),
+        run_config=run_config(cfg, "ablate"),
     )
     results = tuner.fit()
-    import ray.train
-
     rows = []
     for result in results:
         if result.error or result.metrics is None:
-            raise RuntimeError(f"ablation trial {result.config.get('__variant__')} seed {result.config.get('train.seed')} failed: {result.error}")
-        variant, seed = result.config["__variant__"], result.config["train.seed"]
-        trial_id = result.metrics["trial_id"]
-        trial_cfg = trial_config(base, {**VARIANTS[variant], "train.seed": seed})
-        trial_cfg.train.run_name = trial_id
-        model_dir, best, _ = export_best(ray.train.Result.from_path(str(trials_dir / trial_id)), trial_cfg, trials_dir / trial_id / "model")
-        test = evaluate_local(model_dir, dataset_dir, "test")
+            raise RuntimeError(f"ablation trial {result.config.get('variant')} seed {result.config.get('train.seed')} failed: {result.error}")
+        variant, seed = result.config["variant"], result.config["train.seed"]
+        trial_cfg = setup.config(result.config, result.metrics["trial_id"])
+        trained = trial_result(result, trial_cfg)
+        checkpoint, best = best_checkpoint(trained, trial_cfg)
+        if trial_cfg.train.features_path:  # a head on cached features: completed with its backbone to read posts
+            with tempfile.TemporaryDirectory(dir=directory) as tmp:
+                test = evaluate_local(export_best(trained, trial_cfg, Path(tmp) / "model")[0], dataset_dir, "test")
+        else:
+            with checkpoint.as_directory() as model_dir:
+                test = evaluate_local(model_dir, dataset_dir, "test")
         rows.append({"variant": variant, "seed": seed, "val_accuracy": best["val_accuracy"],
                      "test_accuracy": test["accuracy"], "test_macro_f1": test["macro_f1"]})
     markdown = ablation_table(rows, variants)

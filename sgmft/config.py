@@ -84,6 +84,15 @@ class SynthConfig:
     image_swap: float = 0.1
     """Share of posts whose image is drawn from another category."""
     image_size: int = 64
+    two_object_share: float = 0.0
+    """Share of posts whose image shows two category pictures side by side (the label's and
+    another's) and whose text, naming no place, says which one counts, by position
+    ("左边那张") or by the colour of its shape ("白色图案那边"): only matching words to image
+    patches gets them right. The noise shares above apply to the posts of neither this nor
+    ``misleading_share``."""
+    misleading_share: float = 0.0
+    """Share of posts whose text names another category's place as where the poster is not
+    ("好想去健身房撸铁"), while the image is the label's own picture."""
 
 
 @dataclass
@@ -338,7 +347,7 @@ def validate(config: Config) -> None:
          "data.preprocess_concurrency", "must be >= 1 (or empty for automatic)"),
         (config.data.prefetch_batches >= 0, "data.prefetch_batches", "must be >= 0"),
         (t.num_workers >= 1, "train.num_workers", "must be >= 1"),
-        (0 < t.gpus_per_worker <= 1 or float(t.gpus_per_worker).is_integer(), "train.gpus_per_worker",
+        (t.gpus_per_worker > 0 and (t.gpus_per_worker <= 1 or t.gpus_per_worker.is_integer()), "train.gpus_per_worker",
          f"{t.gpus_per_worker} must be in (0, 1] or a whole number of GPUs"),
         (t.epochs >= 1, "train.epochs", "must be >= 1"),
         (t.grad_accum_steps >= 1, "train.grad_accum_steps", "must be >= 1"),

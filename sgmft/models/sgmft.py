@@ -288,6 +288,18 @@ class SGMFTHead(nn.Module):
         return out
 
 
+def build_head(cfg: ModelConfig, text_width: int, image_width: int, embed_dim: int) -> SGMFTHead:
+    """The head, initialised from the last ``torch.manual_seed`` alone (in a forked RNG).
+
+    Whether or not a backbone was built first (training on cached features builds none), the
+    same seed gives the same initial head, so a cached and an end-to-end run of one config
+    train the same model.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(torch.initial_seed())
+        return SGMFTHead(cfg, text_width, image_width, embed_dim)
+
+
 class SGMFTModel(nn.Module):
     """Chinese-CLIP backbone + SG-MFT head: token ids and pixels in, logits out."""
 
@@ -295,7 +307,7 @@ class SGMFTModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.backbone = backbone
-        self.head = SGMFTHead(cfg, backbone.text_width, backbone.image_width, backbone.embed_dim)
+        self.head = build_head(cfg, backbone.text_width, backbone.image_width, backbone.embed_dim)
 
     def forward(self, input_ids: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
                 features: BackboneOutput | None = None) -> SGMFTOutput:
@@ -320,6 +332,26 @@ class SGMFTModel(nn.Module):
         if self.backbone.is_frozen:
             self.backbone.eval()  # a frozen backbone keeps its dropout and batch-norm statistics fixed
         return self
+
+
+class SGMFTHeadModel(nn.Module):
+    """SG-MFT without its backbone, for training on cached backbone features.
+
+    Same ``forward(features=...)`` and the same ``head.*`` parameter names as
+    :class:`SGMFTModel`, so its weights complete a full model once the frozen backbone
+    that made the features is added (``sgmft.features.complete_model_dir``).
+    """
+
+    def __init__(self, cfg: ModelConfig, text_width: int, image_width: int, embed_dim: int):
+        super().__init__()
+        self.cfg = cfg
+        self.head = build_head(cfg, text_width, image_width, embed_dim)
+
+    def forward(self, input_ids: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
+                features: BackboneOutput | None = None) -> SGMFTOutput:
+        if features is None:
+            raise ValueError("a head-only model runs on cached backbone features, not on token ids and pixels")
+        return self.head(features)
 
 
 def build_model(cfg: ModelConfig, load_pretrained: bool = True) -> SGMFTModel:
