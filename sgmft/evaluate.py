@@ -1,4 +1,8 @@
-"""Evaluate a model directory on a labelled split: metrics JSON and a confusion-matrix PNG."""
+"""Evaluate a model directory on a labelled split: metrics JSON and a confusion-matrix PNG.
+
+Where the dataset has a ``meta_case`` column (the synthetic set names each post's case,
+``sgmft.data.synth.CASES``), the report adds the accuracy of each case beside the totals.
+"""
 
 from __future__ import annotations
 
@@ -32,7 +36,26 @@ def plot_confusion(matrix: np.ndarray, labels: list[str], path: Path, title: str
     plt.close(fig)
 
 
+CASE_COLUMN = "meta_case"
+
+
+def per_case_accuracy(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """``{case: {"accuracy", "n"}}`` over the rows that decoded, for rows with a ``case``.
+
+    Cases are in the order of :data:`sgmft.data.synth.CASES`, then any others by name.
+    """
+    from sgmft.data.synth import CASES
+
+    hits: dict[str, list[bool]] = {}
+    for r in rows:
+        if r.get("case") is not None and not r["error"]:
+            hits.setdefault(r["case"], []).append(r["predicted_label"] == r["label"])
+    order = [c for c in CASES if c in hits] + sorted(c for c in hits if c not in CASES)
+    return {c: {"accuracy": float(np.mean(hits[c])), "n": len(hits[c])} for c in order}
+
+
 def _report(labels: list[str], rows: list[dict[str, Any]], split: str) -> dict[str, Any]:
+    """Totals, per-class figures and the confusion matrix; ``per_case`` when rows carry a ``case``."""
     failed = [r for r in rows if r["error"]]
     good = [r for r in rows if not r["error"]]
     index = {label: i for i, label in enumerate(labels)}
@@ -40,7 +63,24 @@ def _report(labels: list[str], rows: list[dict[str, Any]], split: str) -> dict[s
                               np.array([index[r["predicted_label"]] for r in good], dtype=np.int64), len(labels))
     report = classification_report(matrix, labels)
     report.update({"split": split, "labels": labels, "failed": len(failed), "failed_examples": [r["error"] for r in failed[:10]]})
+    if any(r.get("case") is not None for r in rows):
+        report["per_case"] = per_case_accuracy(rows)
     return report
+
+
+def _cases(dataset_dir: str | Path, split: str) -> dict[str, str] | None:
+    """post_id -> meta_case of ``split``, or None when the dataset has no such column."""
+    import pyarrow.parquet as pq
+
+    from sgmft.data.schema import split_files
+
+    cases: dict[str, str] = {}
+    for path in split_files(dataset_dir, split):
+        if CASE_COLUMN not in pq.read_schema(path).names:
+            return None
+        table = pq.read_table(path, columns=["post_id", CASE_COLUMN])
+        cases.update(zip(table.column("post_id").to_pylist(), table.column(CASE_COLUMN).to_pylist()))
+    return cases
 
 
 def _check_labels(model_dir: Path, dataset_dir: str | Path) -> list[str]:
@@ -64,10 +104,14 @@ def evaluate_local(model_dir: str | Path, dataset_dir: str | Path, split: str = 
     runner = InferenceRunner(model_dir)
     rows: list[dict[str, Any]] = []
     for path in split_files(dataset_dir, split):
-        for record_batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=["post_id", "text", "image", "label"]):
+        file = pq.ParquetFile(path)
+        columns = ["post_id", "text", "image", "label"] + ([CASE_COLUMN] if CASE_COLUMN in file.schema_arrow.names else [])
+        for record_batch in file.iter_batches(batch_size=batch_size, columns=columns):
             batch = {name: np.asarray(record_batch.column(name).to_pylist(), dtype=object) for name in record_batch.schema.names}
             out = runner.predict_batch(batch)
-            rows += [{"label": l, "predicted_label": p, "error": e} for l, p, e in zip(out["label"], out["predicted_label"], out["error"])]
+            cases = batch.get(CASE_COLUMN, [None] * len(out["error"]))
+            rows += [{"label": l, "predicted_label": p, "error": e, "case": c}
+                     for l, p, e, c in zip(out["label"], out["predicted_label"], out["error"], cases)]
     return _report(labels, rows, split)
 
 
@@ -77,13 +121,19 @@ def evaluate(model_dir: str | Path, dataset_dir: str | Path, split: str = "test"
 
     Written to ``out_dir`` (default: the model directory) as ``eval-{split}.json`` and
     ``confusion-{split}.png``. Rows whose image fails to decode are counted, not hidden.
+    With a ``meta_case`` column in the dataset the report has ``per_case``:
+    ``{case: {"accuracy", "n"}}`` over the posts that decoded.
     """
     from sgmft.predict import predictions
 
     model_dir = Path(model_dir)
     labels = _check_labels(model_dir, dataset_dir)
     ds, _ = predictions(model_dir, dataset_dir, split, **predict_kwargs)
-    report = _report(labels, ds.select_columns(["label", "predicted_label", "error"]).take_all(), split)
+    rows = ds.select_columns(["post_id", "label", "predicted_label", "error"]).take_all()
+    cases = _cases(dataset_dir, split)  # predictions carry post ids, not meta columns
+    if cases is not None:
+        rows = [{**r, "case": cases.get(r["post_id"])} for r in rows]
+    report = _report(labels, rows, split)
     out = Path(out_dir) if out_dir else model_dir
     out.mkdir(parents=True, exist_ok=True)
     (out / f"eval-{split}.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))

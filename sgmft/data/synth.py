@@ -11,6 +11,19 @@ Each post gets a label, then two independent draws decide its modalities:
 Because the draws are independent, a text-only model cannot fix posts whose text is
 noise and an image-only model cannot fix posts whose image is, so fusion is measurable.
 
+Independent draws also make combining two unimodal predictions optimal, so two further
+kinds of post (off by default, shares ``two_object_share`` and ``misleading_share``) need
+the modalities read *together*:
+- two objects: the image holds two category pictures side by side, the label's and
+  another's, and the text, naming no place, says which one counts: by position ("左边那张")
+  or by the colour of its shape ("白色图案那边"; the other shape is black). Text alone is
+  at chance, image alone at one half; only matching the text's words to image patches wins;
+- misleading text: the text names another category's place as where the poster is *not*
+  (a wish, a plan, a dream: "好想去健身房撸铁"), the image is the label's own picture.
+  A model that maps place words to labels is fooled; one that lets the image speak when
+  the modalities disagree is not.
+Each post's ``meta_case`` names its case (:data:`CASES`); the report counts them.
+
 Every random draw comes from a generator seeded by ``(seed, post index, stream)``:
 the same arguments give byte-identical shards, and changing one stream (say the image
 size) leaves the others as they were.
@@ -40,7 +53,20 @@ if TYPE_CHECKING:
     from sgmft.config import SynthConfig
 
 # Random streams per post; fixed numbers so adding a stream never shifts another.
-_LABELS, _TEXT_NOISE, _IMAGE_KIND, _TEXT, _IMAGE, _ENCODING = range(6)
+_LABELS, _TEXT_NOISE, _IMAGE_KIND, _TEXT, _IMAGE, _ENCODING, _CASE = range(7)
+
+CASES: dict[str, str] = {
+    "both_cues": "the text names the label's place and the image is the label's picture",
+    "text_only_cue": "the text names the label's place; the image is neutral",
+    "image_only_cue": "the text names no place; the image is the label's picture",
+    "no_cue": "neither modality says anything about the place (chance for any model)",
+    "text_cue_swapped_image": "the text names the label's place; the image is another category's picture",
+    "swapped_image": "the text names no place; the image is another category's picture (no model can be right)",
+    "two_objects_by_position": "two category pictures side by side; the text says by position which one counts",
+    "two_objects_by_colour": "two category pictures side by side; the text says by the colour of its shape which one counts",
+    "misleading_text": "the text names another category's place as where the poster is not; the image is the label's picture",
+}
+"""``meta_case`` of a synthetic post -> what its modalities carry."""
 
 
 # --- text -----------------------------------------------------------------------------
@@ -165,6 +191,46 @@ def cue_text(rng: np.random.Generator, label: str) -> str:
     )
 
 
+TWO_OBJECT_REFS: dict[str, tuple[str, ...]] = {
+    # Where the label's picture is (position) or the colour of its shape; no place word.
+    "left": ("左边", "左边那张", "左半边"),
+    "right": ("右边", "右边那张", "右半边"),
+    "white": ("白色图案那边", "有白色图案的那张", "白的那个"),
+    "black": ("黑色图案那边", "有黑色图案的那张", "黑的那个"),
+}
+TWO_OBJECT_TEMPLATES = (
+    "拼图里{ref}才是我现在待的地方{emoji}",
+    "{time}拍的两张拼一起，{ref}是我这儿，另一半是朋友那边{emoji}",
+    "猜猜我在哪？提示：{ref}{emoji}",
+    "{ref}是我的位置，另一张是随手存的图",
+    "两张图，我在{ref}，{feeling}{emoji}",
+)
+MISLEADING_TEMPLATES = (
+    # Another category's place, framed as where the poster is not.
+    "好想去{place}{activity}啊{emoji}",
+    "下次再去{place}{activity}吧{emoji}",
+    "{time}本来要去{place}的，结果没去成{emoji}",
+    "梦到自己在{place}{activity}，醒了{emoji}",
+    "只想马上飞到{place}{activity}，可惜不行{emoji}",
+    "不在{place}，也不想{activity}{emoji}",
+)
+
+
+def two_object_text(rng: np.random.Generator, ref: str) -> str:
+    """A post that names no place but says which of two pictures is where it was written."""
+    return _pick(rng, TWO_OBJECT_TEMPLATES).format(
+        ref=_pick(rng, TWO_OBJECT_REFS[ref]), time=_pick(rng, TIME_WORDS),
+        feeling=_pick(rng, FEELINGS), emoji=_pick(rng, EMOJI))
+
+
+def misleading_text(rng: np.random.Generator, other_label: str) -> str:
+    """A post naming ``other_label``'s place and activity as somewhere the poster is not."""
+    bank = _bank(other_label)
+    return _pick(rng, MISLEADING_TEMPLATES).format(
+        place=_pick(rng, bank.places), activity=_pick(rng, bank.activities),
+        time=_pick(rng, TIME_WORDS), emoji=_pick(rng, EMOJI))
+
+
 def chatter_text(rng: np.random.Generator, sentences: Sequence[str]) -> str:
     """A post that says nothing about a place: sometimes empty, as image-only posts are."""
     draw = rng.random()
@@ -260,6 +326,30 @@ def _canvas(rng: np.random.Generator, size: int) -> tuple[int, int]:
 def draw_category_image(rng: np.random.Generator, style: ImageStyle, size: int) -> Image.Image:
     """A picture with the category's hue, textured background and shape, jittered."""
     width, height = _canvas(rng, size)
+    return _category_panel(rng, style, width, height)
+
+
+SHAPE_SHADES = ("white", "black")
+"""The shape colours of a two-object picture, one per object (the text may name either)."""
+
+
+def draw_two_object_image(rng: np.random.Generator, left: ImageStyle, right: ImageStyle, size: int,
+                          left_shade: str) -> Image.Image:
+    """Two category pictures side by side (``left``'s on the left half), each with its shape
+    in one of :data:`SHAPE_SHADES`: ``left_shade`` on the left, the other on the right."""
+    height = size
+    half = max(4, round(size * float(rng.uniform(0.65, 0.8))))
+    right_shade = SHAPE_SHADES[1 - SHAPE_SHADES.index(left_shade)]
+    image = Image.new("RGB", (2 * half, height))
+    image.paste(_category_panel(rng, left, half, height, left_shade), (0, 0))
+    image.paste(_category_panel(rng, right, half, height, right_shade), (half, 0))
+    return image
+
+
+def _category_panel(rng: np.random.Generator, style: ImageStyle, width: int, height: int,
+                    shade: str | None = None) -> Image.Image:
+    """The category's picture on a ``width`` x ``height`` canvas; ``shade`` (white or black)
+    fixes its shape's colour, else a pale tint of the complementary hue."""
     hue = style.hue + rng.normal(0, 0.015)
     top = np.array(_rgb(hue, rng.uniform(0.5, 0.8), rng.uniform(0.65, 0.9)), np.float32)
     bottom = np.array(_rgb(hue + rng.normal(0, 0.02), rng.uniform(0.5, 0.8), rng.uniform(0.45, 0.7)), np.float32)
@@ -272,6 +362,10 @@ def draw_category_image(rng: np.random.Generator, style: ImageStyle, size: int) 
     scale = rng.uniform(0.4, 0.7) * min(width, height)
     cx, cy = rng.uniform(scale / 2, width - scale / 2), rng.uniform(scale / 2, height - scale / 2)
     fill = _rgb(hue + 0.5, rng.uniform(0.1, 0.5), rng.uniform(0.9, 1.0))
+    if shade == "white":
+        fill = _rgb(hue, 0.0, float(rng.uniform(0.95, 1.0)))
+    elif shade == "black":
+        fill = _rgb(hue, 0.0, float(rng.uniform(0.0, 0.08)))
     _draw_shape(ImageDraw.Draw(image), style.shape, (cx - scale / 2, cy - scale / 2, cx + scale / 2, cy + scale / 2), fill)
     return image
 
@@ -308,21 +402,32 @@ def encode_image(rng: np.random.Generator, image: Image.Image) -> tuple[bytes, s
 
 # --- the dataset ----------------------------------------------------------------------
 
+SIDES = ("left", "right")
+_REGULAR_CASES = {
+    (True, "cue"): "both_cues", (True, "neutral"): "text_only_cue", (True, "swap"): "text_cue_swapped_image",
+    (False, "cue"): "image_only_cue", (False, "neutral"): "no_cue", (False, "swap"): "swapped_image",
+}
+
 def _rng(seed: int, index: int, stream: int) -> np.random.Generator:
     return np.random.default_rng([seed, index, stream])
 
 
-def _check_args(n: int, text_noise: float, image_noise: float, image_swap: float, image_size: int, labels: Sequence[str]) -> None:
+def _check_args(n: int, text_noise: float, image_noise: float, image_swap: float, image_size: int, labels: Sequence[str],
+                two_object_share: float = 0.0, misleading_share: float = 0.0) -> None:
     problems = []
     if n < 1:
         problems.append(f"n must be >= 1, got {n}")
-    for name, value in (("text_noise", text_noise), ("image_noise", image_noise), ("image_swap", image_swap)):
+    for name, value in (("text_noise", text_noise), ("image_noise", image_noise), ("image_swap", image_swap),
+                        ("two_object_share", two_object_share), ("misleading_share", misleading_share)):
         if not 0.0 <= value <= 1.0:
             problems.append(f"{name} must be in [0, 1], got {value}")
     if image_noise + image_swap > 1.0:
         problems.append(f"image_noise + image_swap must be <= 1, got {image_noise} + {image_swap}")
-    if image_swap > 0 and len(labels) < 2:
-        problems.append("image_swap needs at least two labels")
+    if two_object_share + misleading_share > 1.0:
+        problems.append(f"two_object_share + misleading_share must be <= 1, got {two_object_share} + {misleading_share}")
+    for name, value in (("image_swap", image_swap), ("two_object_share", two_object_share), ("misleading_share", misleading_share)):
+        if value > 0 and len(labels) < 2:
+            problems.append(f"{name} needs at least two labels")
     if image_size < 8:
         problems.append(f"image_size must be >= 8, got {image_size}")
     if problems:
@@ -339,14 +444,22 @@ def synthesize(
     image_size: int = 64,
     labels: Sequence[str] = DEFAULT_LABELS,
     *,
+    two_object_share: float = 0.0,
+    misleading_share: float = 0.0,
     val_frac: float = 0.1,
     test_frac: float = 0.1,
     rows_per_shard: int = schema.DEFAULT_ROWS_PER_SHARD,
     overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Write a synthetic dataset to ``out_dir``; return (and save) its report."""
+    """Write a synthetic dataset to ``out_dir``; return (and save) its report.
+
+    A share ``two_object_share`` of posts are two-object posts and ``misleading_share``
+    misleading-text posts (see the module docstring), decided by their own random stream;
+    the rest follow the independent text and image draws. At shares of 0 the dataset is
+    the one earlier versions wrote, plus the new ``meta_*`` columns.
+    """
     labels = check_labels(labels)
-    _check_args(n, text_noise, image_noise, image_swap, image_size, labels)
+    _check_args(n, text_noise, image_noise, image_swap, image_size, labels, two_object_share, misleading_share)
     sentences, text_source = chatter_sentences(labels)
     out = schema.prepare_output_dir(out_dir, overwrite)
 
@@ -357,26 +470,53 @@ def synthesize(
     rows = []
     for index, label in enumerate(post_labels):
         label_index = labels.index(label)
-        text_cue = bool(_rng(seed, index, _TEXT_NOISE).random() >= text_noise)
-        kind_draw = _rng(seed, index, _IMAGE_KIND)
-        u = kind_draw.random()
-        image_kind = "neutral" if u < image_noise else "swap" if u < image_noise + image_swap else "cue"
+        case_rng = _rng(seed, index, _CASE)
+        u = case_rng.random()
         text_rng, image_rng = _rng(seed, index, _TEXT), _rng(seed, index, _IMAGE)
-        text = cue_text(text_rng, label) if text_cue else chatter_text(text_rng, sentences)
-        if text_cue and text_rng.random() < 0.35:
-            text = f"{text} {_pick(text_rng, sentences)[:40]}"
-        if image_kind == "neutral":
-            image_label = None
-            image = draw_neutral_image(image_rng, image_size)
+        meta: dict[str, Any] = {"meta_text_label": None, "meta_image_other_label": None,
+                                "meta_label_side": None, "meta_text_ref": None}
+        if u < two_object_share + misleading_share:
+            other = labels[(label_index + 1 + int(case_rng.integers(len(labels) - 1))) % len(labels)]
+            text_cue = False
+            if u < two_object_share:
+                side = SIDES[int(case_rng.integers(2))]
+                shade = SHAPE_SHADES[int(case_rng.integers(2))]  # the label's shape colour
+                by_colour = bool(case_rng.random() < 0.5)
+                case, ref = ("two_objects_by_colour", shade) if by_colour else ("two_objects_by_position", side)
+                text = two_object_text(text_rng, ref)
+                left, right = (label, other) if side == "left" else (other, label)
+                left_shade = shade if side == "left" else SHAPE_SHADES[1 - SHAPE_SHADES.index(shade)]
+                image = draw_two_object_image(image_rng, styles[labels.index(left)], styles[labels.index(right)],
+                                              image_size, left_shade)
+                image_kind, image_label = "two_objects", label
+                meta.update(meta_image_other_label=other, meta_label_side=side, meta_text_ref=ref)
+            else:
+                case, text = "misleading_text", misleading_text(text_rng, other)
+                image_kind, image_label = "cue", label
+                image = draw_category_image(image_rng, styles[label_index], image_size)
+                meta.update(meta_text_label=other)
         else:
-            shift = 0 if image_kind == "cue" else 1 + int(kind_draw.integers(len(labels) - 1))
-            image_label = labels[(label_index + shift) % len(labels)]
-            image = draw_category_image(image_rng, styles[labels.index(image_label)], image_size)
+            text_cue = bool(_rng(seed, index, _TEXT_NOISE).random() >= text_noise)
+            kind_draw = _rng(seed, index, _IMAGE_KIND)
+            v = kind_draw.random()
+            image_kind = "neutral" if v < image_noise else "swap" if v < image_noise + image_swap else "cue"
+            text = cue_text(text_rng, label) if text_cue else chatter_text(text_rng, sentences)
+            if text_cue and text_rng.random() < 0.35:
+                text = f"{text} {_pick(text_rng, sentences)[:40]}"
+            if image_kind == "neutral":
+                image_label = None
+                image = draw_neutral_image(image_rng, image_size)
+            else:
+                shift = 0 if image_kind == "cue" else 1 + int(kind_draw.integers(len(labels) - 1))
+                image_label = labels[(label_index + shift) % len(labels)]
+                image = draw_category_image(image_rng, styles[labels.index(image_label)], image_size)
+            case = _REGULAR_CASES[text_cue, image_kind]
+            meta.update(meta_text_label=label if text_cue else None)
         data, fmt = encode_image(_rng(seed, index, _ENCODING), image)
         rows.append({
             "post_id": f"synth-{seed}-{index:06d}", "text": text, "image": data, "label": label,
             "meta_text_cue": text_cue, "meta_image_kind": image_kind,
-            "meta_image_label": image_label, "meta_image_format": fmt,
+            "meta_image_label": image_label, "meta_image_format": fmt, "meta_case": case, **meta,
         })
 
     splits = schema.stratified_split(post_labels, val_frac, test_frac, seed)
@@ -385,6 +525,11 @@ def synthesize(
         pa.field("meta_image_kind", pa.string()),
         pa.field("meta_image_label", pa.string()),
         pa.field("meta_image_format", pa.string()),
+        pa.field("meta_case", pa.string()),
+        pa.field("meta_text_label", pa.string()),
+        pa.field("meta_image_other_label", pa.string()),
+        pa.field("meta_label_side", pa.string()),
+        pa.field("meta_text_ref", pa.string()),
     ])
     for split in schema.SPLITS:
         schema.write_split([r for r, s in zip(rows, splits) if s == split], out, split, rows_per_shard, table_schema)
@@ -392,7 +537,8 @@ def synthesize(
     schema.write_quarantine(out, [])
     report = _report(rows, splits, labels, seed=seed, image_size=image_size, text_source=text_source,
                      sentences=sentences, noise={"text_noise": text_noise, "image_noise": image_noise,
-                                                 "image_swap": image_swap})
+                                                 "image_swap": image_swap, "two_object_share": two_object_share,
+                                                 "misleading_share": misleading_share})
     schema.write_json(out / schema.REPORT_FILE, report)
     return report
 
@@ -404,6 +550,8 @@ def _report(rows: list[dict[str, Any]], splits: list[str], labels: list[str], *,
     for row, split in zip(rows, splits):
         counts[split][row["label"]] += 1
     kinds = Counter(r["meta_image_kind"] for r in rows)
+    cases = Counter(r["meta_case"] for r in rows)
+    cases_per_split = {s: Counter(r["meta_case"] for r, rs in zip(rows, splits) if rs == s) for s in schema.SPLITS}
     digest = hashlib.sha256("\n".join(sentences).encode("utf-8")).hexdigest()[:16]
     return {
         "kind": "synthetic",
@@ -416,7 +564,11 @@ def _report(rows: list[dict[str, Any]], splits: list[str], labels: list[str], *,
             "text_no_cue": round(sum(not r["meta_text_cue"] for r in rows) / n, 4),
             "image_neutral": round(kinds["neutral"] / n, 4),
             "image_swap": round(kinds["swap"] / n, 4),
+            "two_objects": round(kinds["two_objects"] / n, 4),
+            "misleading_text": round(cases["misleading_text"] / n, 4),
         },
+        "cases": {case: cases[case] for case in CASES},
+        "cases_per_split": {s: {case: c[case] for case in CASES} for s, c in cases_per_split.items()},
         "image_formats": dict(sorted(Counter(r["meta_image_format"] for r in rows).items())),
         "noise_text": {"source": text_source, "sentences": len(sentences), "sha256_16": digest},
         "splits": {s: sum(c.values()) for s, c in counts.items()},
@@ -428,4 +580,5 @@ def _report(rows: list[dict[str, Any]], splits: list[str], labels: list[str], *,
 def synthesize_from_config(out_dir: str | Path, cfg: SynthConfig, **kwargs: Any) -> dict[str, Any]:
     """:func:`synthesize` with the arguments of a :class:`sgmft.config.SynthConfig`."""
     return synthesize(out_dir, n=cfg.n, seed=cfg.seed, text_noise=cfg.text_noise, image_noise=cfg.image_noise,
-                      image_swap=cfg.image_swap, image_size=cfg.image_size, **kwargs)
+                      image_swap=cfg.image_swap, image_size=cfg.image_size, two_object_share=cfg.two_object_share,
+                      misleading_share=cfg.misleading_share, **kwargs)
