@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Iterator
 
 from sgmft.cli_args import add_config_args, add_verbose_arg, config_from_args
 
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "demo.yaml"
+
 if TYPE_CHECKING:
     from sgmft.console import Console
 
@@ -123,8 +125,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> None:
     """Synthetic data -> 2-worker training of the tiny model on local Ray -> test evaluation."""
-    if not args.config:
-        args.overrides = ["train.run_name=demo", *args.overrides]
+    if not args.config:  # the embedded default, written out in the package's jobs/configs/demo.yaml
+        args.config = str(DEMO_CONFIG)
     cfg = config_from_args(args)
     outcome = _train(args, cfg, f"SG-MFT demo: {cfg.data.synth.n} synthetic Weibo-like posts, {cfg.model.backbone.preset} "
                                 f"Chinese-CLIP, {cfg.train.num_workers} Ray Train workers, {cfg.train.epochs} epochs")

@@ -22,6 +22,7 @@ from sgmft.config import BackboneConfig, Config
 from sgmft.data.schema import FEATURE_MANIFEST, feature_split_dir, shard_files
 from sgmft.inference import autocast, default_device, to_device
 from sgmft.models.backbone import build_backbone
+from sgmft.ray_data import read_parquet_files
 
 MANIFEST = FEATURE_MANIFEST
 
@@ -54,25 +55,6 @@ class FeatureExtractor:
         }
 
 
-def _read_parquet(files: list[str], **kwargs: Any):
-    """``ray.data.read_parquet``, one block per file, on Ray's first Parquet reader.
-
-    As :func:`sgmft.ray_data.read_split` does for posts, and for the same reason, worse
-    here: on 2 cores Ray 2.60's default reader (datasource V2) took 17-40 s to read one
-    40 MB split of cached features that it reads in 1.6 s. Scoped to this call: the
-    Dataset keeps a copy of the context.
-    """
-    import ray
-
-    ctx = ray.data.DataContext.get_current()
-    previous = getattr(ctx, "use_datasource_v2", False)
-    ctx.use_datasource_v2 = False
-    try:
-        return ray.data.read_parquet(files, override_num_blocks=len(files), **kwargs)
-    finally:
-        ctx.use_datasource_v2 = previous
-
-
 def _split_from_path(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     batch["split"] = np.array([Path(p).parent.name for p in batch.pop("path")], dtype=object)
     return batch
@@ -103,7 +85,7 @@ def cache_features(cfg: Config, dataset_dir: str | Path, out_dir: str | Path, *,
     splits = available_splits(dataset_dir)
     # one pipeline (one actor pool start-up) over every split; the split travels as a column
     files = [f for split in splits for f in split_files(dataset_dir, split)]
-    posts = _read_parquet(files, include_paths=True).map_batches(_split_from_path, batch_format="numpy")
+    posts = read_parquet_files(files, include_paths=True).map_batches(_split_from_path, batch_format="numpy")
     rows = posts.map_batches(_preprocess_with_split, fn_kwargs={"spec": spec}, batch_size=batch_size, batch_format="numpy")
     features = rows.map_batches(FeatureExtractor, fn_constructor_kwargs={"backbone": asdict(cfg.model.backbone), "seed": cfg.train.seed},
                                 batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=concurrency),
@@ -150,7 +132,7 @@ def _encode_labels(batch: dict[str, np.ndarray], labels: list[str]) -> dict[str,
 
 def feature_split(features_dir: str | Path, split: str, labels: list[str]):
     """A Ray dataset of cached features with integer labels, ready for iter_torch_batches."""
-    return _read_parquet(shard_files(features_dir, split)).map_batches(_encode_labels, fn_kwargs={"labels": labels}, batch_format="numpy")
+    return read_parquet_files(shard_files(features_dir, split)).map_batches(_encode_labels, fn_kwargs={"labels": labels}, batch_format="numpy")
 
 
 def _widths_from_shards(features_dir: str | Path) -> dict[str, int]:

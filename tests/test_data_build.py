@@ -227,30 +227,40 @@ def _images_and_labels(posts: list[WeiboPost], tmp_path: Path) -> tuple[list[Wei
     return with_images, label_file
 
 
+def _build_and_check_weibo(dumps: list[Path], posts: list[WeiboPost], tmp_path: Path) -> list[dict]:
+    """Build the dumps with images and labels for some posts; every row is kept or
+    quarantined for its reason, and the kept rows are clean. Returns the kept rows."""
+    with_images, label_file = _images_and_labels(posts, tmp_path)
+    report = build_dataset(dumps, tmp_path / "ds", "weibo", image_root=tmp_path / "images",
+                           label_source=label_file, labels=LABELS, seed=0)
+    assert report["read"] == len(posts) and report["kept"] == 30
+    assert report["read"] == report["kept"] + report["quarantined"]
+    reasons = report["quarantine_reasons"]
+    assert reasons["label_missing"] == 10  # images present, no label
+    assert reasons["image_missing"] + reasons.get("empty_post", 0) == len(posts) - 40
+    validate_dataset(tmp_path / "ds")
+    rows = _rows_of(tmp_path / "ds")
+    assert {r["post_id"] for r in rows} == {p.post_id for p in with_images[:30]}
+    assert all("http" not in r["text"] for r in rows)
+    assert all(r["meta_image"].startswith("nonrumor_images/") and r["meta_publish_time"] > 10**12 for r in rows)
+    return rows
+
+
 def test_weibo_dump_build_on_a_generated_dump(tmp_path):
     dump = tmp_path / "test_nonrumor.txt"
     dump.write_text("\n".join(_weibo_lines(200)) + "\n", encoding="utf-8-sig")  # with a BOM, as the corpus
     posts = list(parse_weibo_dump(dump))
     assert all(isinstance(p, WeiboPost) for p in posts) and len(posts) == 200
     assert posts[0].publish_time_ms == 1447078683000 and posts[1].image_urls[-1].endswith("b0001y.jpg")
-    with_images, label_file = _images_and_labels(posts, tmp_path)
-    report = build_dataset([dump], tmp_path / "ds", "weibo", image_root=tmp_path / "images",
-                           label_source=label_file, labels=LABELS, seed=0)
-    assert report["read"] == 200 and report["kept"] == 30
-    assert report["read"] == report["kept"] + report["quarantined"]
-    reasons = report["quarantine_reasons"]
-    assert reasons["label_missing"] == 10  # images present, no label
-    assert reasons["image_missing"] + reasons.get("empty_post", 0) == 200 - 40
-    validate_dataset(tmp_path / "ds")
-    rows = _rows_of(tmp_path / "ds")
-    assert {r["post_id"] for r in rows} == {p.post_id for p in with_images[:30]}
-    assert all("http" not in r["text"] and "网页链接" not in r["text"] and "&amp;" not in r["text"] for r in rows)
+    rows = _build_and_check_weibo([dump], posts, tmp_path)
+    assert all("网页链接" not in r["text"] and "&amp;" not in r["text"] for r in rows)
     assert any("& 更多" in r["text"] for r in rows)  # entities unescaped, not dropped
     assert all(r["meta_image"].startswith("nonrumor_images/") and r["meta_publish_time"] > 10**12 for r in rows)
 
 
-def test_weibo_parser_resynchronises_after_garbage_in_a_generated_dump(tmp_path):
-    good = _weibo_lines(2)
+def _check_resync(good: list[str], tmp_path: Path) -> None:
+    """Garbage before two good records, and a meta line directly followed by another: the
+    parser reports each bad stretch and picks the records up again."""
     path = tmp_path / "dump.txt"
     path.write_text("\n".join(["garbage line", "more garbage", *good[:3], good[3], *good[3:6]]), encoding="utf-8")
     parsed = list(parse_weibo_dump(path))
@@ -258,6 +268,11 @@ def test_weibo_parser_resynchronises_after_garbage_in_a_generated_dump(tmp_path)
     assert isinstance(parsed[1], WeiboPost) and parsed[1].line == 3
     assert isinstance(parsed[2], BadWeiboRecord)  # a meta line directly followed by another
     assert isinstance(parsed[3], WeiboPost) and parsed[3].post_id == good[3].split("|")[0]
+
+
+def test_weibo_parser_resynchronises_after_garbage_in_a_generated_dump(tmp_path):
+    good = _weibo_lines(2)
+    _check_resync(good, tmp_path)
 
 
 def _weibo_files(corpus: Path) -> list[Path]:
@@ -267,30 +282,12 @@ def _weibo_files(corpus: Path) -> list[Path]:
 def test_weibo_dump_build_on_the_real_corpus(corpus, tmp_path):
     posts = [p for f in _weibo_files(corpus) for p in parse_weibo_dump(f)]
     assert all(isinstance(p, WeiboPost) for p in posts) and len(posts) == 1996
-    with_images, label_file = _images_and_labels(posts, tmp_path)
-    report = build_dataset(_weibo_files(corpus), tmp_path / "ds", "weibo", image_root=tmp_path / "images",
-                           label_source=label_file, labels=LABELS, seed=0)
-    assert report["read"] == 1996 and report["kept"] == 30
-    assert report["read"] == report["kept"] + report["quarantined"]
-    reasons = report["quarantine_reasons"]
-    assert reasons["label_missing"] == 10  # images present, no label
-    assert reasons["image_missing"] + reasons.get("empty_post", 0) == 1996 - 40
-    validate_dataset(tmp_path / "ds")
-    rows = _rows_of(tmp_path / "ds")
-    assert {r["post_id"] for r in rows} == {p.post_id for p in with_images[:30]}
-    assert all("http" not in r["text"] for r in rows)
-    assert all(r["meta_image"].startswith("nonrumor_images/") and r["meta_publish_time"] > 10**12 for r in rows)
+    _build_and_check_weibo(_weibo_files(corpus), posts, tmp_path)
 
 
 def test_weibo_parser_resynchronises_after_garbage(tmp_path, corpus):
     good = _weibo_files(corpus)[0].read_text(encoding="utf-8-sig").split("\n")[:6]
-    path = tmp_path / "dump.txt"
-    path.write_text("\n".join(["garbage line", "more garbage", *good[:3], good[3], *good[3:6]]), encoding="utf-8")
-    parsed = list(parse_weibo_dump(path))
-    assert isinstance(parsed[0], BadWeiboRecord) and parsed[0].line == 1
-    assert isinstance(parsed[1], WeiboPost) and parsed[1].line == 3
-    assert isinstance(parsed[2], BadWeiboRecord)  # a meta line directly followed by another
-    assert isinstance(parsed[3], WeiboPost) and parsed[3].post_id == good[3].split("|")[0]
+    _check_resync(good, tmp_path)
 
 
 def test_label_source_formats_and_conflicts(tmp_path):

@@ -51,3 +51,20 @@ def test_layer_decay_lowers_rates_towards_the_embeddings():
     train = TrainConfig(lr=1e-3, backbone_lr=1e-4, layer_decay=0.5)
     rates = sorted({g["lr"] for g in param_groups(model, train)})
     assert rates[-1] == 1e-3 and len(rates) >= 3 and rates[0] < 1e-4
+
+
+def test_a_random_init_backbone_trains_at_the_head_lr_unless_rates_are_set():
+    from sgmft.optim import backbone_rates
+
+    cfg = Config()  # tiny, random init, backbone_lr and layer_decay at their defaults
+    model = build_model(cfg.model, load_pretrained=False)
+    assert {g["lr"] for g in param_groups(model, TrainConfig(lr=2e-3))} == {2e-3}
+    assert backbone_rates(cfg.model, TrainConfig(lr=2e-3)) == (2e-3, 1.0)
+    # either rate set by the user: both are used as given
+    assert backbone_rates(cfg.model, TrainConfig(lr=2e-3, backbone_lr=5e-4)) == (5e-4, 0.8)
+    assert backbone_rates(cfg.model, TrainConfig(lr=2e-3, layer_decay=0.9)) == (1e-4, 0.9)
+    # released weights configured: the defaults protect them
+    cfg.model.backbone.checkpoint = "/weights/clip_cn_vit-b-16.pt"
+    assert backbone_rates(cfg.model, TrainConfig(lr=2e-3)) == (1e-4, 0.8)
+    cfg.model.backbone.checkpoint, cfg.model.backbone.download_root = None, "/weights"
+    assert backbone_rates(cfg.model, TrainConfig(lr=2e-3)) == (1e-4, 0.8)
