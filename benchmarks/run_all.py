@@ -15,14 +15,14 @@ import traceback
 
 from benchmarks.common import RESULTS, machine
 
-BENCHMARKS = ("head_cost", "ingest", "train_throughput", "tune_cache", "serve_load", "gpu_check")
+BENCHMARKS = ("head_cost", "ingest", "train_throughput", "tune_cache", "serve_load", "gpu_check", "gpu_train")
 
 
 def headline(name: str, r: dict) -> str:
     if name == "head_cost":
         return "; ".join(f"{p}: head {v['head_flops_share']:.1%} of forward FLOPs" for p, v in r.items() if isinstance(v, dict) and "head_flops_share" in v)
     keys = {"ingest": "speedup", "train_throughput": "ratio", "tune_cache": "speedup",
-            "serve_load": "throughput_ratio_batched_vs_unbatched_c32"}
+            "serve_load": "serve_c32_vs_inprocess_one_thread"}
     if name in keys and keys[name] in r:
         return f"{keys[name]} {r[keys[name]]:.2f}x"
     if name == "gpu_check" and "inference" in r:
@@ -45,7 +45,7 @@ def main() -> None:
             saved = RESULTS / f"{name}.json"
             summary["results"][name] = json.loads(saved.read_text()) if saved.is_file() else {"skipped": "no saved result"}
             continue
-        if name == "gpu_check" and not torch.cuda.is_available():
+        if name.startswith("gpu_") and not torch.cuda.is_available():
             summary["results"][name] = {"skipped": "no CUDA GPU on this machine"}
             continue
         print(f"== {name}", flush=True)
