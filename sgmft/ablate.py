@@ -12,7 +12,7 @@ import numpy as np
 
 from sgmft.config import Config
 
-# Each variant is a set of config overrides on top of the full model (DESIGN.md's switches).
+# Each variant is a set of config overrides on top of the full model (the switches of docs/DESIGN.md).
 VARIANTS: dict[str, dict[str, Any]] = {
     "full": {},
     "no_coarse": {"model.coarse_guidance": False},
