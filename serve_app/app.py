@@ -191,10 +191,14 @@ def ingress_max_replicas(s: ServeConfig) -> int:
     return max(s.ingress_replicas, s.ingress_max_replicas or s.ingress_replicas)
 
 
+def batches_per_replica(s: ServeConfig) -> int:
+    """``max_ongoing_requests`` (posts per model replica) as full batches, rounded up."""
+    return -(-s.max_ongoing_requests // s.max_batch_size)
+
+
 def batches_in_flight(s: ServeConfig) -> int:
     """Batches one ingress keeps in flight: enough full batches to load every model replica."""
-    per_replica = -(-s.max_ongoing_requests // s.max_batch_size)
-    return max(2, per_replica * s.max_replicas)
+    return max(2, batches_per_replica(s) * s.max_replicas)
 
 
 def build_app(cfg: Config) -> serve.Application:
@@ -209,7 +213,7 @@ def build_app(cfg: Config) -> serve.Application:
         raise ConfigError("serve.model_dir: empty; give a model directory path or URI (s3://, gs://, file://)")
     merge = ingress_max_replicas(s)  # batches from different ingresses that one forward may merge
     model = ModelDeployment.options(
-        max_ongoing_requests=max(2, -(-s.max_ongoing_requests // s.max_batch_size)) * merge,
+        max_ongoing_requests=max(2, batches_per_replica(s)) * merge,
         autoscaling_config=autoscaling_config(s.min_replicas, s.max_replicas, s.target_ongoing_requests / s.max_batch_size,
                                               s.upscale_delay_s, s.downscale_delay_s, s.initial_replicas),
         ray_actor_options={"num_cpus": s.num_cpus_per_replica, "num_gpus": s.num_gpus_per_replica},

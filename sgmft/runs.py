@@ -58,9 +58,14 @@ def resolve_dataset(cfg: Config) -> Path:
     return path
 
 
+def _kept_checkpoints(result: Any) -> list[tuple[Any, dict]]:
+    """(checkpoint, metrics) of every checkpoint a finished run kept."""
+    return [(ckpt, m) for ckpt, m in (result.best_checkpoints or []) if ckpt is not None]
+
+
 def best_checkpoint(result: Any, cfg: Config) -> tuple[Any, dict]:
     """The best checkpoint of a finished run (``cfg.train.metric``; the later epoch on ties) and its metrics."""
-    candidates = [(ckpt, m) for ckpt, m in (result.best_checkpoints or []) if ckpt is not None]
+    candidates = _kept_checkpoints(result)
     if not candidates:
         raise RuntimeError(f"training produced no checkpoint (error: {result.error})")
     sign = 1 if cfg.train.metric_mode == "max" else -1
@@ -75,7 +80,7 @@ def export_best(result: Any, cfg: Config, destination: Path) -> tuple[Path, dict
     """
     best_ckpt, best_metrics = best_checkpoint(result, cfg)
     # Ray keeps the latest checkpoint besides the best-k; its state holds the whole epoch history
-    latest = result.checkpoint or max(((c, m) for c, m in result.best_checkpoints if c is not None), key=lambda cm: cm[1]["epoch"])[0]
+    latest = result.checkpoint or max(_kept_checkpoints(result), key=lambda cm: cm[1]["epoch"])[0]
     with latest.as_directory() as directory:
         history = json.loads(torch.load(Path(directory) / TRAIN_STATE, weights_only=True)["history"])
     destination.parent.mkdir(parents=True, exist_ok=True)
