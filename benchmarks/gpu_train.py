@@ -77,6 +77,8 @@ def run(quick: bool = False, dry_run: bool = False) -> dict:
                 measured["ratio_to_bare_step"] = [e["samples_per_s"] / bare["samples_per_s"] for e in measured["epochs"]]
             measured["max_data_wait_share"] = max(e["data_wait_share"] for e in measured["epochs"])
             result["policies"][policy] = measured
+            if not dry_run:
+                save("gpu_train", result)  # after each policy: a run cut short keeps what it measured
             print(f"{policy}: " + ", ".join(f"epoch {e['epoch']} {e['samples_per_s']:.0f} samples/s wait {e['data_wait_share']:.1%}"
                                             for e in measured["epochs"])
                   + f"; bare step {measured.get('bare_step_samples_per_s', float('nan')):.0f}; resumed {measured['resumed_after_crash']}",

@@ -189,8 +189,9 @@ def inprocess_point(runner, posts: list[dict], batch: int, duration_s: float) ->
                       Counter({"200": len(latencies)}), [batch] * len(latencies))
 
 
-def forward_only_posts_per_s(runner, batch: int, repeats: int = 20) -> float:
-    """The model alone on device-resident inputs (what the card computes); GPU only."""
+def forward_only_posts_per_s(runner, batch: int, repeats: int = 20) -> dict[str, float]:
+    """The model alone on device-resident inputs (what the card computes), eager and, where
+    the runner captured one for ``batch``, as a CUDA graph replay; GPU only."""
     import torch
 
     from sgmft.inference import autocast
@@ -198,15 +199,23 @@ def forward_only_posts_per_s(runner, batch: int, repeats: int = 20) -> float:
     size, length = runner.spec.image_size, runner.spec.context_length
     ids = torch.randint(1000, 20000, (batch, length), device=runner.device)
     pixels = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=runner.device)
-    with torch.inference_mode(), autocast(runner.device):
+
+    def timed(step) -> float:
         for _ in range(3):
-            runner.loaded.model(ids, pixels)
+            step()
         torch.cuda.synchronize()
         start = time.perf_counter()
         for _ in range(repeats):
-            runner.loaded.model(ids, pixels).logits.float()
+            step()
         torch.cuda.synchronize()
-    return batch * repeats / (time.perf_counter() - start)
+        return batch * repeats / (time.perf_counter() - start)
+
+    with torch.inference_mode(), autocast(runner.device):
+        result = {"eager": timed(lambda: runner.loaded.model(ids, pixels).logits.float())}
+    captured = runner._graphs.get(batch)
+    if captured is not None:
+        result["cuda_graph"] = timed(captured.graph.replay)
+    return result
 
 
 # --- the app -------------------------------------------------------------------------------
@@ -272,10 +281,11 @@ def autoscaling_check(pool, processes, url_base: str, payloads, app: str, load_s
 # --- the run -------------------------------------------------------------------------------
 
 def run(quick: bool = False, haproxy: bool = False, gpu: bool = False) -> dict[str, Any]:
+    import httpx
     import torch
 
     from benchmarks.common import local_ray
-    from sgmft.inference import InferenceRunner
+    from sgmft.inference import InferenceRunner, batch_buckets
     from sgmft.local_ray import free_port
 
     if gpu and not torch.cuda.is_available():
@@ -288,11 +298,11 @@ def run(quick: bool = False, haproxy: bool = False, gpu: bool = False) -> dict[s
     cpus = os.cpu_count() or 2
     preset = "ViT-B-16" if gpu else "tiny"
     concurrency = (1, 32, 128, 512) if gpu else ((1, 32) if quick else (1, 8, 32, 128))
-    duration = (8.0 if gpu else 5.0) if quick else 12.0
+    duration = (6.0 if gpu else 5.0) if quick else 12.0
     processes = 8 if gpu else 2
     overrides = (["serve.num_gpus_per_replica=1", "serve.num_cpus_per_replica=2", "serve.max_batch_size=128",
                   "serve.max_ongoing_requests=512", f"serve.ingress_replicas={max(1, cpus // 2 - 2)}",
-                  "serve.ingress_cpus_per_replica=1", "serve.compile=true"] if gpu else
+                  "serve.ingress_cpus_per_replica=1"] if gpu else
                  ["serve.num_cpus_per_replica=0.5", "serve.max_batch_size=32", "serve.max_ongoing_requests=64",
                   "serve.ingress_replicas=1"])
     overrides += ["serve.min_replicas=1", "serve.max_replicas=1"]
@@ -300,16 +310,32 @@ def run(quick: bool = False, haproxy: bool = False, gpu: bool = False) -> dict[s
     post_texts, text_source = texts()
     posts = [{"text": post_texts[i % len(post_texts)], "image": image_bytes[i % len(image_bytes)]} for i in range(64)]
     payloads = [{"text": p["text"], "image_base64": base64.b64encode(p["image"]).decode()} for p in posts]
+    result_name = "gpu_serve" if gpu else ("serve_load_haproxy" if haproxy else "serve_load")
+    setup = {"preset": preset, "posts": f"{PHOTO_SIZE[0]}x{PHOTO_SIZE[1]} JPEG ({image_source}), {text_source}",
+             "client_processes": processes, "seconds_per_point": duration, "overrides": overrides,
+             "proxy": "haproxy" if haproxy else "default", "cpus": cpus}
+    extra: dict[str, Any] = {"gpu": torch.cuda.get_device_name(0)} if gpu else {}
     points: list[Point] = []
+
+    def record() -> dict[str, Any]:  # saved after every point: a run cut short keeps what it measured
+        result = summarise(setup, points, extra)
+        save(result_name, result)
+        return result
+
     with tempfile.TemporaryDirectory(prefix="sgmft-serve-bench-") as tmp, \
             ProcessPoolExecutor(processes, mp_context=get_context("spawn")) as pool:
         model_dir = make_model_dir(Path(tmp), preset)
         torch.set_num_threads(1)
-        runner = InferenceRunner(model_dir)
         baseline_batch = 256 if gpu else 32
-        points.append(inprocess_point(runner, posts, 1, duration))
-        points.append(inprocess_point(runner, posts, baseline_batch, duration))
-        forward_only = forward_only_posts_per_s(runner, baseline_batch) if gpu else None
+        # The same runner settings as the model replica's (graphs are GPU-only; eager on a CPU).
+        runner = InferenceRunner(model_dir, buckets=batch_buckets(baseline_batch), cuda_graphs=True)
+        runner.warmup()
+        for batch in (1, baseline_batch):
+            points.append(inprocess_point(runner, posts, batch, duration))
+            print(f"in-process batch {batch}: {points[-1].posts_per_s:.1f} posts/s p50 {points[-1].p50_ms:.1f} ms", flush=True)
+        if gpu:
+            extra["forward_only_posts_per_s"] = {n: forward_only_posts_per_s(runner, n) for n in (1, 32, baseline_batch)}
+            print(f"forward only, posts/s by batch: {extra['forward_only_posts_per_s']}", flush=True)
         del runner
         with local_ray(num_cpus=cpus + (2 if not gpu else 0)):
             from ray import serve
@@ -319,11 +345,14 @@ def run(quick: bool = False, haproxy: bool = False, gpu: bool = False) -> dict[s
             try:
                 base = f"http://127.0.0.1:{port}{deploy(model_dir, 'bench', overrides)}"
                 wait_healthy(base)
+                extra["model_replica"] = {k: v for k, v in httpx.get(f"{base}/v1/model", timeout=10.0, trust_env=False).json().items()
+                                          if k in ("device", "compiled_batch_sizes", "cuda_graph_batch_sizes")}
+                print(f"model replica: {extra['model_replica']}", flush=True)
                 http_point(pool, processes, f"{base}/v1/predict", payloads, 8, min(3.0, duration))  # warm-up
                 for c in concurrency:
                     points.append(http_point(pool, processes, f"{base}/v1/predict", payloads, c, duration))
                     print(f"serve c={c}: {points[-1].posts_per_s:.1f} posts/s p50 {points[-1].p50_ms:.1f} ms", flush=True)
-                autoscaling = None
+                    record()
                 if gpu:
                     serve.delete("bench")
                     scaled = f"http://127.0.0.1:{port}" + deploy(model_dir, "scale", [
@@ -331,30 +360,37 @@ def run(quick: bool = False, haproxy: bool = False, gpu: bool = False) -> dict[s
                         "serve.num_gpus_per_replica=0.5", "serve.min_replicas=1", "serve.max_replicas=2",
                         "serve.upscale_delay_s=2", "serve.downscale_delay_s=5", "serve.target_ongoing_requests=32"])
                     wait_healthy(scaled)
-                    autoscaling = autoscaling_check(pool, processes, scaled, payloads, "scale", 20.0, 15.0)
+                    extra["autoscaling_half_gpu_replicas"] = autoscaling_check(pool, processes, scaled, payloads, "scale", 20.0, 15.0)
             finally:
                 serve.shutdown()
+    result = record()
+    print_table(points, result)
+    return result
+
+
+def summarise(setup: dict[str, Any], points: list[Point], extra: dict[str, Any]) -> dict[str, Any]:
+    """The result file: every point, and the ratios the goals are stated in."""
     serve_points = {p.concurrency: p for p in points if p.mode == "serve"}
     one_post, batched = points[0], points[1]
     result: dict[str, Any] = {
-        "setup": {"preset": preset, "posts": f"{PHOTO_SIZE[0]}x{PHOTO_SIZE[1]} JPEG ({image_source}), {text_source}",
-                  "client_processes": processes, "seconds_per_point": duration, "overrides": overrides,
-                  "proxy": "haproxy" if haproxy else "default", "cpus": cpus},
+        "setup": setup,
         "points": [asdict(p) for p in points],
         "inprocess_one_post_posts_per_s": one_post.posts_per_s,
         "inprocess_one_post_p50_ms": one_post.p50_ms,
-        f"inprocess_batch{baseline_batch}_posts_per_s": batched.posts_per_s,
+        f"inprocess_batch{batched.concurrency}_posts_per_s": batched.posts_per_s,
         "errors": sum(p.errors for p in points),
+        **extra,
     }
     if 1 in serve_points:
         result["overhead_p50_ms_c1"] = serve_points[1].p50_ms - one_post.p50_ms
     if 32 in serve_points:
         result["serve_c32_vs_inprocess_one_thread"] = serve_points[32].posts_per_s / one_post.posts_per_s
-    if gpu:
-        result.update(gpu=torch.cuda.get_device_name(0), forward_only_posts_per_s_batch256=forward_only,
-                      autoscaling_half_gpu_replicas=autoscaling)
-        if 512 in serve_points:
-            result["serve_c512_posts_per_s"] = serve_points[512].posts_per_s
+    if 512 in serve_points:
+        result["serve_c512_posts_per_s"] = serve_points[512].posts_per_s
+    return result
+
+
+def print_table(points: list[Point], result: dict[str, Any]) -> None:
     print(f"{'mode':<20}{'c':>5}{'posts/s':>10}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'batch':>7}{'errors':>7}")
     for p in points:
         print(f"{p.mode:<20}{p.concurrency:>5}{p.posts_per_s:>10.1f}{p.p50_ms:>9.1f}{p.p95_ms:>9.1f}{p.p99_ms:>9.1f}"
@@ -362,8 +398,6 @@ def run(quick: bool = False, haproxy: bool = False, gpu: bool = False) -> dict[s
     for key in ("overhead_p50_ms_c1", "serve_c32_vs_inprocess_one_thread"):
         if key in result:
             print(f"{key}: {result[key]:.2f}")
-    save("gpu_serve" if gpu else ("serve_load_haproxy" if haproxy else "serve_load"), result)
-    return result
 
 
 if __name__ == "__main__":

@@ -124,7 +124,7 @@ def run_gpu(quick: bool = False, dry_run: bool = False) -> dict:
 
     if not dry_run and not torch.cuda.is_available():
         raise SystemExit("tune_cache --gpu needs a CUDA GPU (or --dry-run on a CPU); nothing measured")
-    n, epochs = (240, 2) if dry_run else ((4000, 3) if quick else (8000, 5))
+    n, epochs = (240, 2) if dry_run else ((1500, 2) if quick else (8000, 5))
     model = ["model.backbone.preset=tiny", "data.batch_size=16", "data.synth.image_size=64", "tune.cpus_per_worker=0.5",
              "tune.max_concurrent_trials=2"] if dry_run else [
         "model.backbone.preset=ViT-B-16", "model.d_model=512", "model.num_heads=8", "data.batch_size=64",

@@ -92,6 +92,7 @@ class ModelResponse(BaseModel):
     config: dict[str, Any] = Field(..., description="The model directory's config.json.")
     metrics: dict[str, Any] = Field(..., description="The model directory's metrics.json (training/evaluation metrics).")
     compiled_batch_sizes: list[int] = Field(default_factory=list, description="Batch sizes compiled at start-up (serve.compile).")
+    cuda_graph_batch_sizes: list[int] = Field(default_factory=list, description="Batch sizes captured as CUDA graphs at start-up (serve.cuda_graphs, GPU only).")
 
 
 class HealthResponse(BaseModel):

@@ -170,7 +170,9 @@ class ServeConfig:
     port: int = 8000
     route_prefix: str = "/"
     max_batch_size: int = 16
-    batch_wait_timeout_s: float = 0.01
+    batch_wait_timeout_s: float = 0.0
+    """How long a model replica waits for more batches after the first arrives. 0: none; the
+    batches that queued during the last forward form the next, so batches grow with load."""
     max_ongoing_requests: int = 32
     min_replicas: int = 1
     max_replicas: int = 2
@@ -188,6 +190,9 @@ class ServeConfig:
     """CPUs each ingress replica reserves (None: ``num_cpus_per_replica``)."""
     compile: bool = False
     """Run the model under torch.compile, with batch-size buckets compiled at start-up."""
+    cuda_graphs: bool = True
+    """On a GPU (ignored on a CPU, and under ``compile``): capture the forward as a CUDA graph
+    per batch-size bucket at start-up and replay it, instead of ~1,500 kernel launches a batch."""
     retry_deadline_s: float = 30.0
     """A post whose model replica died is retried on another until this deadline, then 503."""
     max_body_bytes: int = 10 * 1024 * 1024

@@ -14,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 import shutil
 import tempfile
+import threading
+import warnings
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -34,9 +36,13 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def autocast(device: torch.device, enabled: bool | None = None):
-    """bf16 autocast on a GPU; off on a CPU, where bf16 matmuls are slower than fp32 on most parts."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" if enabled is None else enabled)
+def autocast(device: torch.device, enabled: bool | None = None, cache: bool = True):
+    """bf16 autocast on a GPU; off on a CPU, where bf16 matmuls are slower than fp32 on most parts.
+
+    ``cache=False`` while capturing a CUDA graph: autocast's cast cache must not outlive a capture.
+    """
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" if enabled is None else enabled,
+                          cache_enabled=cache)
 
 
 def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -98,14 +104,22 @@ def batch_buckets(max_batch_size: int) -> tuple[int, ...]:
 class InferenceRunner:
     """A loaded model directory: batched probabilities and the metadata an API shows.
 
-    ``compile_batches``: run the model under ``torch.compile``, padding every batch to the
-    next of these sizes so only that many graphs are ever built (``warmup`` builds them all).
+    ``buckets``: batch sizes the forward is specialised for when ``compile`` or
+    ``cuda_graphs`` is on; every batch is padded to the next of them, so only that many
+    graphs are ever built, all by :meth:`warmup`.
+    ``compile``: run the model under ``torch.compile``.
+    ``cuda_graphs`` (GPU only, ignored on a CPU): capture the forward once per bucket and
+    replay it. An eager SG-MFT forward launches about 1,500 kernels from Python, which at
+    serving batch sizes costs more host time than the GPU spends computing; a replay is one
+    launch. Inputs are copied into the graph's static buffers, so calls are serialised.
     """
 
     def __init__(self, source: str | Path, device: str | torch.device | None = None,
-                 compile_batches: Sequence[int] | None = None):
+                 buckets: Sequence[int] | None = None, compile: bool = False, cuda_graphs: bool = False):
         self.source = str(source)
         self.device = torch.device(device) if device is not None else default_device()
+        if (compile or cuda_graphs) and not buckets:
+            raise ValueError("compile and cuda_graphs need the batch-size buckets to specialise for")
         self._tmp: Path | None = None
         local = self.source
         if is_uri(self.source):
@@ -119,8 +133,13 @@ class InferenceRunner:
         self.labels = self.loaded.labels
         self.version = self.loaded.version
         self.spec = PreprocessSpec.from_config(self.loaded.config)
-        self.buckets = tuple(sorted(set(compile_batches))) if compile_batches else ()
-        self._forward = torch.compile(self.loaded.model, dynamic=False) if self.buckets else self.loaded.model
+        self.compiled = compile
+        self._want_graphs = cuda_graphs and not compile and self.device.type == "cuda"
+        # Padding to a bucket only pays where graphs are specialised; on a CPU it is wasted work.
+        self.buckets = tuple(sorted(set(buckets))) if (compile or self._want_graphs) else ()
+        self._forward = torch.compile(self.loaded.model, dynamic=False) if compile else self.loaded.model
+        self._graphs: dict[int, _CapturedForward] = {}
+        self._lock = threading.Lock()
 
     def _padded(self, n: int) -> int:
         for size in self.buckets:
@@ -133,6 +152,10 @@ class InferenceRunner:
         """int64 (B, L) and uint8 (B, 3, S, S) -> float32 (B, num_labels) probabilities."""
         n = len(input_ids)
         size = self._padded(n)
+        captured = self._graphs.get(size)
+        if captured is not None:
+            with self._lock:
+                return captured.run(to_device(input_ids, self.device), to_device(pixel_values, self.device))
         if size > n:  # pad rows are all-padding text and black images, and are dropped below
             input_ids = np.concatenate([input_ids, np.zeros((size - n, *input_ids.shape[1:]), input_ids.dtype)])
             pixel_values = np.concatenate([pixel_values, np.zeros((size - n, *pixel_values.shape[1:]), pixel_values.dtype)])
@@ -174,10 +197,23 @@ class InferenceRunner:
         return {"label": top[0]["label"], "top_k": top, "model_version": self.version}
 
     def warmup(self, batch_size: int = 2) -> None:
-        """Forwards on blank inputs, so no request pays for lazy initialisation or compilation."""
+        """Forwards on blank inputs, so no request pays for lazy initialisation, compilation or capture."""
         size, length = self.spec.image_size, self.spec.context_length
+        if self._want_graphs and not self._graphs:
+            self._capture_graphs(size, length)
         for n in self.buckets or (batch_size,):
             self.probabilities(np.zeros((n, length), np.int64), np.zeros((n, 3, size, size), np.uint8))
+
+    def _capture_graphs(self, size: int, length: int) -> None:
+        pool = None
+        try:
+            for n in sorted(self.buckets, reverse=True):  # largest first: the smaller graphs reuse its memory
+                captured = _CapturedForward(self.loaded.model, self.device, n, length, size, pool)
+                pool = captured.graph.pool()
+                self._graphs[n] = captured
+        except RuntimeError as exc:  # a model with a host sync or data-dependent shape cannot be captured
+            self._graphs.clear()
+            warnings.warn(f"CUDA graph capture failed, running eagerly: {exc}", RuntimeWarning, stacklevel=2)
 
     def info(self) -> dict[str, Any]:
         """JSON-able metadata: what GET /v1/model shows and what an ingress preprocesses with."""
@@ -186,7 +222,8 @@ class InferenceRunner:
             "source": self.source,
             "labels": list(self.labels),
             "device": str(self.device),
-            "compiled_batch_sizes": list(self.buckets),
+            "compiled_batch_sizes": list(self.buckets) if self.compiled else [],
+            "cuda_graph_batch_sizes": sorted(self._graphs),
             "preprocess": {**dataclasses.asdict(self.spec), "pixels": "uint8, normalised on the model's device",
                            "mean": list(CLIP_MEAN), "std": list(CLIP_STD)},
             "config": config_to_dict(self.loaded.config),
@@ -203,3 +240,28 @@ def spec_from_info(info: dict[str, Any]) -> PreprocessSpec:
     """The preprocessing spec an :meth:`InferenceRunner.info` describes."""
     fields = {f.name for f in dataclasses.fields(PreprocessSpec)}
     return PreprocessSpec(**{k: v for k, v in info["preprocess"].items() if k in fields})
+
+
+class _CapturedForward:
+    """One batch size's forward and softmax, captured as a CUDA graph over static buffers."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, batch: int, length: int, size: int, pool: Any):
+        self.input_ids = torch.zeros((batch, length), dtype=torch.int64, device=device)
+        self.pixel_values = torch.zeros((batch, 3, size, size), dtype=torch.uint8, device=device)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side), torch.inference_mode(), autocast(device, cache=False):
+            for _ in range(2):  # kernels chosen and workspaces allocated before capture, as capture requires
+                model(self.input_ids, self.pixel_values)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.inference_mode(), torch.cuda.graph(self.graph, pool=pool), autocast(device, cache=False):
+            self.probs = torch.softmax(model(self.input_ids, self.pixel_values).logits.float(), dim=-1)
+
+    def run(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> np.ndarray:
+        n = len(input_ids)
+        # Rows are independent through the model, so rows past n keep whatever they held.
+        self.input_ids[:n].copy_(input_ids, non_blocking=True)
+        self.pixel_values[:n].copy_(pixel_values, non_blocking=True)
+        self.graph.replay()
+        return self.probs[:n].cpu().numpy()

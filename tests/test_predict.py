@@ -82,3 +82,40 @@ def test_one_post_from_the_cli(model_dir, source, tmp_path, capsys):
     assert len(probabilities) == 3 and probabilities == sorted(probabilities, reverse=True) and answer["top_k"][0]["label"] == answer["label"]
     assert main(["predict", "--model", str(model_dir), "--text", "x", "--image", str(tmp_path / "broken.png")]) == 2
     assert "image_" in capsys.readouterr().err
+
+
+def _blank_inputs(runner, n: int, seed: int = 0):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    size, length = runner.spec.image_size, runner.spec.context_length
+    ids = rng.integers(1000, 20000, (n, length)).astype(np.int64)
+    ids[:, length // 2:] = 0  # padded tail, as real texts have
+    return ids, rng.integers(0, 256, (n, 3, size, size), dtype=np.uint8)
+
+
+def test_runner_pads_to_buckets_only_where_graphs_are_specialised(model_dir):
+    """On a CPU neither compile nor graphs are on, so no batch is padded and none is captured."""
+    from sgmft.inference import InferenceRunner, batch_buckets
+
+    runner = InferenceRunner(model_dir, device="cpu", buckets=batch_buckets(8), cuda_graphs=True)
+    runner.warmup()
+    assert runner.buckets == () and runner._padded(3) == 3
+    assert runner.info()["cuda_graph_batch_sizes"] == [] and runner.info()["compiled_batch_sizes"] == []
+    with pytest.raises(ValueError, match="buckets"):
+        InferenceRunner(model_dir, device="cpu", cuda_graphs=True)
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_replay_matches_the_eager_forward(model_dir):
+    import numpy as np
+
+    from sgmft.inference import InferenceRunner, batch_buckets
+
+    eager = InferenceRunner(model_dir, device="cuda")
+    graphs = InferenceRunner(model_dir, device="cuda", buckets=batch_buckets(8), cuda_graphs=True)
+    graphs.warmup()
+    assert graphs.info()["cuda_graph_batch_sizes"] == [1, 2, 4, 8]
+    for n in (1, 3, 8, 5):  # 5 after 8: stale rows from a larger batch must not leak into a smaller one
+        ids, pixels = _blank_inputs(graphs, n, seed=n)
+        np.testing.assert_allclose(graphs.probabilities(ids, pixels), eager.probabilities(ids, pixels), atol=2e-3)

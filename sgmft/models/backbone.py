@@ -8,6 +8,7 @@ final LayerNorm applied) and the pooled CLIP embeddings.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass
@@ -50,9 +51,17 @@ def normalize_pixels(pixels: torch.Tensor) -> torch.Tensor:
     """
     if pixels.dtype != torch.uint8:
         return pixels
-    scale = torch.tensor([1.0 / (255.0 * s) for s in CLIP_STD], device=pixels.device).view(1, 3, 1, 1)
-    offset = torch.tensor([-m / s for m, s in zip(CLIP_MEAN, CLIP_STD)], device=pixels.device).view(1, 3, 1, 1)
+    offset, scale = _normalisation(pixels.device)
     return torch.addcmul(offset, pixels.float(), scale)
+
+
+@functools.lru_cache(maxsize=None)
+def _normalisation(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(offset, scale) on ``device``, made once: a host-to-device copy per forward would
+    cost a transfer each step and cannot be captured in a CUDA graph."""
+    scale = torch.tensor([1.0 / (255.0 * s) for s in CLIP_STD], device=device).view(1, 3, 1, 1)
+    offset = torch.tensor([-m / s for m, s in zip(CLIP_MEAN, CLIP_STD)], device=device).view(1, 3, 1, 1)
+    return offset, scale
 
 
 @dataclass
