@@ -27,6 +27,10 @@ def headline(name: str, r: dict) -> str:
         return f"{keys[name]} {r[keys[name]]:.2f}x"
     if name == "gpu_check" and "inference" in r:
         return f"{r['gpu']}: {r['inference']['posts_per_s']:.0f} posts/s at batch 256 (bf16)"
+    if name == "gpu_train" and "policies" in r:
+        return "; ".join(f"{r['gpu']} {p}: x bare step by epoch " + " / ".join(f"{x:.2f}" for x in v.get("ratio_to_bare_step", []))
+                         + f", max data wait {v['max_data_wait_share']:.1%}, resumed {v['resumed_after_crash']}"
+                         for p, v in r["policies"].items())
     return ", ".join(f"{k}={v}" for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool))[:200]
 
 
