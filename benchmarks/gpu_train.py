@@ -59,7 +59,7 @@ def one_policy(tmp: Path, policy: str, n: int, dry_run: bool, worker_cpus: float
     }
 
 
-def run(quick: bool = False, dry_run: bool = False) -> dict:
+def run(quick: bool = False, dry_run: bool = False, policies: tuple[str, ...] = ("full", "last_k")) -> dict:
     if not dry_run and not torch.cuda.is_available():
         raise SystemExit("gpu_train needs a CUDA GPU (or --dry-run on a CPU); nothing measured")
     n = 600 if dry_run else (2000 if quick else 4000)
@@ -67,7 +67,7 @@ def run(quick: bool = False, dry_run: bool = False) -> dict:
     result: dict = {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
                     "preset": "tiny" if dry_run else "ViT-B-16", "posts": n, "policies": {}}
     with tempfile.TemporaryDirectory(prefix="sgmft-gpu-train-") as tmp, local_ray():
-        for policy in ("full", "last_k"):
+        for policy in policies:
             measured = one_policy(Path(tmp), policy, n, dry_run, worker_cpus)
             if not dry_run:
                 from benchmarks.gpu_check import bare_train_step, vit_b16_config
@@ -95,5 +95,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="2,000 posts instead of 4,000")
     parser.add_argument("--dry-run", action="store_true", help="tiny preset on the CPU: checks the script, measures nothing useful")
+    parser.add_argument("--policies", nargs="+", default=["full", "last_k"], choices=["full", "last_k"],
+                        help="backbone policies to measure, in order (a device session can take one at a time)")
     args = parser.parse_args()
-    run(args.quick, args.dry_run)
+    run(args.quick, args.dry_run, tuple(args.policies))
