@@ -1,8 +1,10 @@
 """Model directories: ``model.safetensors`` + ``config.json`` + ``labels.json`` (+ ``metrics.json``).
 
 A model directory is written to a temporary sibling and renamed into place, so a
-reader never sees a half-written one. Loading reads safetensors and JSON only: no
-pickle is ever loaded from a model directory.
+reader never sees a half-written one. This module writes and checks the files; loading
+the model they hold is :func:`sgmft.models.sgmft.load_model_dir` (safetensors and JSON
+only: no pickle is ever loaded from a model directory), so that nothing here needs the
+model's code.
 """
 
 from __future__ import annotations
@@ -11,35 +13,22 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import save_model
 
 from sgmft.config import Config, config_from_dict, config_to_dict
-from sgmft.models.sgmft import SGMFTModel, build_model
 
 WEIGHTS, CONFIG, LABELS, METRICS = "model.safetensors", "config.json", "labels.json", "metrics.json"
 TRAIN_FILES = (WEIGHTS, CONFIG, LABELS, METRICS)
+TRAIN_STATE = "train_state.pt"
+"""Optimizer, schedule, epoch, RNG and history, beside the model files of a training checkpoint."""
 
 
 class ModelDirError(ValueError):
     """A model directory is missing a file or its files disagree."""
-
-
-@dataclass
-class LoadedModel:
-    model: SGMFTModel
-    config: Config
-    labels: list[str]
-    metrics: dict[str, Any]
-    path: Path
-
-    @property
-    def version(self) -> str:
-        return str(self.metrics.get("version") or self.path.name)
 
 
 def write_model_files(directory: Path, model: torch.nn.Module, config: Config, labels: list[str], metrics: dict | None) -> None:
@@ -96,16 +85,3 @@ def check_model_dir(path: str | Path) -> tuple[Config, list[str]]:
     if not (path / WEIGHTS).is_file():
         raise ModelDirError(f"{path} is not a model directory: {WEIGHTS} is missing")
     return config, [str(x) for x in labels]
-
-
-def load_model_dir(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
-    """Load a model directory for inference (eval mode)."""
-    path = Path(path)
-    config, labels = check_model_dir(path)
-    model = build_model(config.model, load_pretrained=False)
-    try:
-        load_model(model, str(path / WEIGHTS), strict=True, device=str(device))
-    except RuntimeError as exc:  # safetensors' report of missing, unexpected or reshaped tensors
-        raise ModelDirError(f"{path / WEIGHTS} does not match the model of {path / CONFIG}: {exc}") from exc
-    model.to(device).eval()
-    return LoadedModel(model=model, config=config, labels=labels, metrics=read_json(path / METRICS, {}), path=path)

@@ -13,7 +13,7 @@ from typing import Callable
 
 from serve_app import cli as serve_cli
 from sgmft import commands
-from sgmft.config import ConfigError
+from sgmft.cli_args import run_command
 from sgmft.data import cli as data_cli
 
 Command = Callable[[argparse.Namespace], int | None]
@@ -44,20 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sgmft.local_ray import set_local_env
-
-    set_local_env()  # before any command imports Ray, which reads these at import time
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        result = args.func(args)
-    except ConfigError as exc:
-        print(f"sgmft: config error: {exc}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"sgmft: error: {exc}", file=sys.stderr)
-        return 2
-    return int(result or 0)
+    return run_command(build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,17 @@
-"""Arguments the command groups share: ``--config``/``--set`` and ``--verbose``.
+"""What the command groups share: ``--config``/``--set``, ``--verbose``, and running a
+parsed command (:func:`run_command`).
 
 A module of its own so that the command modules (``sgmft.commands``, ``sgmft.data.cli``,
-``serve_app.cli``) and ``sgmft.cli``, which imports them, never import each other back.
+``serve_app.cli``), ``sgmft.cli``, which imports them, and the ``jobs`` entrypoints, which
+import only the pipeline commands, never import each other back.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 
-from sgmft.config import Config, load_config
+from sgmft.config import Config, ConfigError, load_config
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -24,3 +27,21 @@ def add_verbose_arg(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> Config:
     return load_config(getattr(args, "config", None), getattr(args, "overrides", []))
+
+
+def run_command(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
+    """Parse ``argv`` and run the command it names; its exit status. A config error, or a
+    missing file or bad value of the user's, is one line on stderr and status 2."""
+    from sgmft.local_ray import set_local_env
+
+    set_local_env()  # before any command imports Ray, which reads these at import time
+    args = parser.parse_args(argv)
+    try:
+        result = args.func(args)
+    except ConfigError as exc:
+        print(f"sgmft: config error: {exc}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"sgmft: error: {exc}", file=sys.stderr)
+        return 2
+    return int(result or 0)

@@ -18,8 +18,14 @@ from typing import Any, Literal
 
 import yaml
 
-from sgmft.presets import BACKBONE_PRESETS, HEAD_WIDTH
-
+HEAD_WIDTH: dict[str, tuple[int, int]] = {
+    # SG-MFT head width and attention heads per backbone preset (D=512, 8 heads at ViT-B-16).
+    # Its keys are the presets a config may name; sgmft.presets describes each of them
+    # (tests/test_config.py holds the two to the same names).
+    "tiny": (64, 4), "small": (256, 4), "ViT-B-16": (512, 8), "ViT-L-14": (768, 12),
+    "ViT-L-14-336": (768, 12), "ViT-H-14": (1024, 16), "RN50": (512, 8),
+}
+BACKBONE_PRESETS: tuple[str, ...] = tuple(HEAD_WIDTH)
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 

@@ -54,6 +54,14 @@ def per_case_accuracy(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {c: {"accuracy": float(np.mean(hits[c])), "n": len(hits[c])} for c in order}
 
 
+def format_per_case(per_case: dict[str, dict[str, Any]]) -> str:
+    """The ``per_case`` of a report as aligned lines: case, accuracy, posts."""
+    width = max([len("case"), *(len(case) for case in per_case)])
+    lines = [f"{'case':<{width}} {'accuracy':>8} {'posts':>5}"]
+    lines += [f"{case:<{width}} {m['accuracy']:>8.3f} {m['n']:>5}" for case, m in per_case.items()]
+    return "\n".join(lines)
+
+
 def _report(labels: list[str], rows: list[dict[str, Any]], split: str) -> dict[str, Any]:
     """Totals, per-class figures and the confusion matrix; ``per_case`` when rows carry a ``case``."""
     failed = [r for r in rows if r["error"]]
@@ -124,7 +132,7 @@ def evaluate(model_dir: str | Path, dataset_dir: str | Path, split: str = "test"
     With a ``meta_case`` column in the dataset the report has ``per_case``:
     ``{case: {"accuracy", "n"}}`` over the posts that decoded.
     """
-    from sgmft.predict import predictions
+    from sgmft.inference import predictions
 
     model_dir = Path(model_dir)
     labels = _check_labels(model_dir, dataset_dir)

@@ -3,7 +3,8 @@
 With a frozen backbone every epoch of every trial would re-run the same ViT on the
 same images; caching its token-level outputs lets training and tuning run the head
 alone. The cache records the backbone config it came from, so it is never used with
-another backbone by mistake.
+another backbone by mistake: what a cache promises its readers, and how they check it,
+is :mod:`sgmft.feature_cache`.
 """
 
 from __future__ import annotations
@@ -19,16 +20,11 @@ import torch
 
 from sgmft import progress
 from sgmft.config import BackboneConfig, Config
-from sgmft.data.schema import FEATURE_MANIFEST, feature_split_dir, shard_files
+from sgmft.data.schema import feature_split_dir
+from sgmft.feature_cache import MANIFEST, widths_from_shards
 from sgmft.inference import autocast, default_device, to_device
 from sgmft.models.backbone import build_backbone
 from sgmft.ray_data import read_parquet_files
-
-MANIFEST = FEATURE_MANIFEST
-
-
-class FeatureCacheError(ValueError):
-    """The feature cache is missing or was made with another backbone."""
 
 
 class FeatureExtractor:
@@ -97,93 +93,8 @@ def cache_features(cfg: Config, dataset_dir: str | Path, out_dir: str | Path, *,
     (out_dir / "labels.json").write_text(json.dumps(labels, ensure_ascii=False))
     manifest = {"backbone": asdict(cfg.model.backbone), "seed": cfg.train.seed, "image_size": spec.image_size,
                 "context_length": spec.context_length, "rows": counts, "source": str(Path(dataset_dir).resolve()),
-                "widths": _widths_from_shards(out_dir)}
+                "widths": widths_from_shards(out_dir)}
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return manifest
 
 
-def check_cache(features_dir: str | Path, cfg: Config) -> dict[str, Any]:
-    """The cache's manifest, after checking it matches the configured backbone and preprocessing."""
-    path = Path(features_dir) / MANIFEST
-    if not path.is_file():
-        raise FeatureCacheError(f"{features_dir} is not a feature cache ({MANIFEST} is missing); build it with `sgmft features cache`")
-    manifest = json.loads(path.read_text())
-    wanted = asdict(cfg.model.backbone)
-    for key in ("preset", "implementation", "checkpoint", "download_root"):
-        if manifest["backbone"].get(key) != wanted[key]:
-            raise FeatureCacheError(f"feature cache {features_dir} was made with model.backbone.{key}="
-                                    f"{manifest['backbone'].get(key)!r}, the config has {wanted[key]!r}")
-    if manifest.get("seed") != cfg.train.seed and not (wanted["checkpoint"] or wanted["download_root"]):
-        raise FeatureCacheError(f"feature cache {features_dir} holds a random-init backbone made with seed "
-                                f"{manifest.get('seed')}, the config has train.seed={cfg.train.seed}")
-    if cfg.model.backbone.policy != "frozen":
-        raise FeatureCacheError("training on cached features needs model.backbone.policy: frozen")
-    return manifest
-
-
-def _encode_labels(batch: dict[str, np.ndarray], labels: list[str]) -> dict[str, np.ndarray]:
-    from sgmft.data.preprocess import encode_labels
-
-    batch["label_id"] = encode_labels(batch.pop("label"), labels)
-    batch.pop("post_id")
-    batch.pop("split", None)
-    return batch
-
-
-def feature_split(features_dir: str | Path, split: str, labels: list[str]):
-    """A Ray dataset of cached features with integer labels, ready for iter_torch_batches."""
-    return read_parquet_files(shard_files(features_dir, split)).map_batches(_encode_labels, fn_kwargs={"labels": labels}, batch_format="numpy")
-
-
-def _widths_from_shards(features_dir: str | Path) -> dict[str, int]:
-    """The backbone's widths, read from the tensor shapes in a shard's schema (no rows read)."""
-    import pyarrow.parquet as pq
-    import ray.data  # noqa: F401  registers Ray's tensor extension types, whose shapes are read here
-
-    schema = pq.read_schema(next(feature_split_dir(features_dir, "train").glob("*.parquet")))
-    width = lambda column: int(schema.field(column).type.shape[-1])  # noqa: E731
-    return {"text_width": width("text_tokens"), "image_width": width("image_tokens"), "embed_dim": width("text_embeds")}
-
-
-def feature_widths(features_dir: str | Path) -> dict[str, int]:
-    """``text_width``, ``image_width`` and ``embed_dim`` of the backbone that made the cache:
-    all a head needs to be built without that backbone."""
-    manifest = json.loads((Path(features_dir) / MANIFEST).read_text())
-    return manifest.get("widths") or _widths_from_shards(features_dir)
-
-
-def complete_model_dir(model_dir: str | Path) -> bool:
-    """Make a head-only model directory (trained on cached features) complete and servable.
-
-    The frozen backbone is the one that made the cache, rebuilt here once, as the cache
-    builder built it: the cache's seed before ``build_backbone`` (random-init presets), or
-    the released weights (``checkpoint``/``download_root``), which its manifest records and
-    :func:`check_cache` holds the config to. Nothing is done (False) when the weights
-    already hold a backbone.
-    """
-    from safetensors.torch import load_file, save_model
-
-    from sgmft.checkpoint import CONFIG, WEIGHTS
-    from sgmft.config import config_from_dict
-    from sgmft.models.sgmft import build_model
-
-    model_dir = Path(model_dir)
-    head = load_file(str(model_dir / WEIGHTS))
-    if any(name.startswith("backbone.") for name in head):
-        return False
-    cfg = config_from_dict(json.loads((model_dir / CONFIG).read_text()))
-    if not cfg.train.features_path:
-        raise FeatureCacheError(f"{model_dir} holds a head without a backbone and names no feature cache (train.features_path)")
-    manifest = check_cache(cfg.train.features_path, cfg)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(manifest["seed"])
-        model = build_model(cfg.model, load_pretrained=True)
-    missing, unexpected = model.load_state_dict(head, strict=False)
-    if unexpected or any(not name.startswith("backbone.") for name in missing):
-        raise FeatureCacheError(f"{model_dir / WEIGHTS} is not the head of {cfg.model.backbone.preset}: "
-                                f"unexpected {unexpected[:5]}, missing {[n for n in missing if not n.startswith('backbone.')][:5]}")
-    del head  # may map the file that is replaced next
-    staging = model_dir / f".{WEIGHTS}.tmp"
-    save_model(model, str(staging))
-    staging.replace(model_dir / WEIGHTS)
-    return True

@@ -1,7 +1,9 @@
 """THE inference runner: a model directory on a device, batched probabilities and top-k.
 
 Used by batch prediction, evaluation, the one-post CLI and the Serve model replicas, so
-device choice, precision, host-to-device copies and top-k are written once. Ray-free.
+device choice, precision, host-to-device copies and top-k are written once. Ray-free to
+import: :func:`predictions`, the runner in a Ray Data actor pool over a Parquet set (what
+batch prediction writes out and evaluation scores), imports Ray when called.
 
 A model directory is a local path or a URI that ``pyarrow.fs`` understands (``s3://``,
 ``gs://``, ``abfs://``, ``hdfs://``, ``file://``). Remote directories are copied (model
@@ -23,9 +25,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from sgmft.checkpoint import CONFIG, LABELS, METRICS, WEIGHTS, LoadedModel, ModelDirError, load_model_dir
+from sgmft import progress
+from sgmft.checkpoint import CONFIG, LABELS, METRICS, WEIGHTS, ModelDirError, check_model_dir
 from sgmft.config import config_to_dict
 from sgmft.data.preprocess import PreprocessSpec, preprocess_batch
+from sgmft.models.sgmft import LoadedModel, load_model_dir
 from sgmft.presets import CLIP_MEAN, CLIP_STD
 
 REQUIRED_FILES = (WEIGHTS, CONFIG, LABELS)
@@ -234,6 +238,35 @@ class InferenceRunner:
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
+
+
+class _RayPredictor:
+    """Ray Data actor: one model per actor, reused across batches."""
+
+    def __init__(self, model_dir: str, device: str | None = None):
+        self.runner = InferenceRunner(model_dir, device)
+        self.progress = progress.Reporter("predict")  # posts done, for the driver's progress bar
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = self.runner.predict_batch(batch)
+        self.progress.advance(len(out["error"]))
+        return out
+
+
+def predictions(model_dir: str | Path, data: str | Path, split: str | None = None, *, batch_size: int = 64,
+                concurrency: int = 1, num_gpus: float = 0.0, num_cpus: float = 1.0):
+    """A lazy Ray dataset of predictions, one row per input row."""
+    import ray
+
+    from sgmft.ray_data import read_posts
+
+    check_model_dir(model_dir)  # a bad path is the caller's error here, not a failed actor later
+    posts = read_posts(data, split)
+    progress.expect("predict", posts.count, f"predict {split or 'posts'}")
+    return posts.map_batches(
+        _RayPredictor, fn_constructor_kwargs={"model_dir": str(Path(model_dir).resolve())}, batch_size=batch_size,
+        batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=concurrency), num_gpus=num_gpus, num_cpus=num_cpus,
+    ), posts
 
 
 def spec_from_info(info: dict[str, Any]) -> PreprocessSpec:

@@ -218,7 +218,10 @@ class HeadNode:
         ray_bin = str(Path(sys.executable).with_name("ray"))
         cmd = [ray_bin, "start", "--head", "--block", f"--port={self.gcs_port}", "--node-ip-address=127.0.0.1",
                f"--num-cpus={self.num_cpus}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-               f"--dashboard-port={self.dashboard_port}", f"--temp-dir={self.temp_dir}", "--disable-usage-stats"]
+               f"--dashboard-port={self.dashboard_port}", f"--temp-dir={self.temp_dir}", "--disable-usage-stats",
+               # the agent's HTTP port is otherwise a fixed 52365: another Ray on this machine would
+               # hold it, and jobs would be refused ("No available agent to submit job")
+               f"--dashboard-agent-listen-port={free_port()}"]
         log = open(Path(self.temp_dir) / "ray-start.log", "w")
         self.process = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout_s

@@ -14,7 +14,6 @@ import math
 import torch
 
 from sgmft.config import ModelConfig, TrainConfig
-from sgmft.models.sgmft import SGMFTModel
 
 _DEFAULTS = TrainConfig()
 
@@ -39,9 +38,11 @@ def backbone_rates(model_cfg: ModelConfig | None, cfg: TrainConfig) -> tuple[flo
     return cfg.lr, 1.0
 
 
-def param_groups(model: SGMFTModel, cfg: TrainConfig) -> list[dict]:
+def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
     """Head at ``lr``; backbone layer l of a tower of depth n at ``backbone_lr * layer_decay**(n+1-l)``
-    (with the rates of :func:`backbone_rates`)."""
+    (with the rates of :func:`backbone_rates`). ``model`` is an SG-MFT model of
+    :mod:`sgmft.models.sgmft`, whole or head-only: typed as a plain module so that the
+    optimizer does not import the model it tunes."""
     backbone_lr, layer_decay = backbone_rates(getattr(model, "cfg", None), cfg)
     groups: dict[tuple[float, bool], list[torch.nn.Parameter]] = {}
     for name, param in model.named_parameters():
@@ -59,7 +60,7 @@ def param_groups(model: SGMFTModel, cfg: TrainConfig) -> list[dict]:
     ]
 
 
-def build_optimizer(model: SGMFTModel, cfg: TrainConfig) -> torch.optim.AdamW:
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(param_groups(model, cfg), betas=(0.9, 0.98), eps=1e-6)
 
 
@@ -77,7 +78,7 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_rat
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def build_optimization(model: SGMFTModel, cfg: TrainConfig, device: torch.device, total_updates: int,
+def build_optimization(model: torch.nn.Module, cfg: TrainConfig, device: torch.device, total_updates: int,
                        state: dict | None = None) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
     """Move ``model`` to ``device``, then build its optimizer and schedule and restore ``state``.
 

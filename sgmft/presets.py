@@ -1,7 +1,9 @@
 """Facts about the Chinese-CLIP presets, in one torch-free place.
 
-Data preprocessing, the config schema, the models and the HTTP API all read these; none
-of them needs torch or cn_clip to know an image size, a head width or the pad token.
+Data preprocessing, the models and the HTTP API read these; none of them needs torch or
+cn_clip to know an image size or the pad token. Which presets a config may name, and the
+head width of each, are the config schema's (:data:`sgmft.config.HEAD_WIDTH`): neither
+module imports the other.
 """
 
 from __future__ import annotations
@@ -63,18 +65,10 @@ CUSTOM: dict[str, dict[str, Any]] = {
     },
 }
 
-BACKBONE_PRESETS: tuple[str, ...] = (*CUSTOM, *RELEASED)
-
-HEAD_WIDTH: dict[str, tuple[int, int]] = {
-    # SG-MFT head width and attention heads per backbone (D=512, 8 heads at ViT-B-16).
-    "tiny": (64, 4), "small": (256, 4), "ViT-B-16": (512, 8), "ViT-L-14": (768, 12),
-    "ViT-L-14-336": (768, 12), "ViT-H-14": (1024, 16), "RN50": (512, 8),
-}
-
 
 def check_preset(preset: str) -> str:
-    if preset not in BACKBONE_PRESETS:
-        raise ValueError(f"unknown backbone preset {preset!r}; known: {list(BACKBONE_PRESETS)}")
+    if preset not in CUSTOM and preset not in RELEASED:
+        raise ValueError(f"unknown backbone preset {preset!r}; known: {[*CUSTOM, *RELEASED]}")
     return preset
 
 

@@ -13,6 +13,9 @@ in Ray Train workers (Ray cannot turn string columns into tensors):
 ``keep_ids=True`` adds the string columns ``post_id`` (and ``label``, and ``error`` with
 ``on_error="record"``) for batch prediction and error reports; consume those with
 ``iter_batches`` or ``map_batches``.
+
+``read_posts`` reads what batch prediction runs on; ``feature_split`` reads a split of a
+feature cache (:mod:`sgmft.feature_cache`) the way ``split_dataset`` reads posts.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import numpy as np
 import ray
 
 from sgmft.data.preprocess import ON_ERROR_CHOICES, PreprocessSpec, encode_labels, preprocess_batch
-from sgmft.data.schema import split_files
+from sgmft.data.schema import shard_files, split_files
 
 STRING_COLUMNS = ("post_id", "label", "error")
 
@@ -51,6 +54,17 @@ def read_parquet_files(files: list[str], **read_kwargs: Any) -> ray.data.Dataset
 def read_split(dataset_dir: str | Path, split: str, **read_kwargs: Any) -> ray.data.Dataset:
     """The raw posts of one split (``post_id``, ``text``, ``image``, ``label``, ``meta_*``)."""
     return read_parquet_files(split_files(dataset_dir, split), **read_kwargs)
+
+
+def read_posts(data: str | Path, split: str | None):
+    """A dataset directory's split, or every Parquet file under ``data``."""
+    data = Path(data)
+    if split:
+        return read_split(data, split)
+    files = sorted(str(p) for p in data.rglob("*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"no Parquet files under {data}")
+    return ray.data.read_parquet(files)
 
 
 def _preprocess(batch: dict[str, np.ndarray], spec: PreprocessSpec, labels: list[str] | None,
@@ -117,3 +131,15 @@ def split_dataset(dataset_dir: str | Path, split: str, spec: PreprocessSpec, lab
                   **kwargs: Any) -> ray.data.Dataset:
     """``preprocessed(read_split(dataset_dir, split), spec, labels, **kwargs)``."""
     return preprocessed(read_split(dataset_dir, split), spec, labels, **kwargs)
+
+
+def _encode_labels(batch: dict[str, np.ndarray], labels: list[str]) -> dict[str, np.ndarray]:
+    batch["label_id"] = encode_labels(batch.pop("label"), labels)
+    batch.pop("post_id")
+    batch.pop("split", None)
+    return batch
+
+
+def feature_split(features_dir: str | Path, split: str, labels: list[str]):
+    """A Ray dataset of cached features with integer labels, ready for iter_torch_batches."""
+    return read_parquet_files(shard_files(features_dir, split)).map_batches(_encode_labels, fn_kwargs={"labels": labels}, batch_format="numpy")

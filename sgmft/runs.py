@@ -1,9 +1,11 @@
-"""Run directories and their products, shared by train, tune and ablate.
+"""Runs: their directories, their data and their products, shared by train, tune and ablate.
 
 A run lives at ``train.storage_path/train.run_name``; the synthetic default dataset is
-built once inside it; a finished Ray Train result's best checkpoint is exported from it
-as a model directory. A search (tune, ablate) is a run too, and each of its trials a run
-at ``<search run>/trials/<trial id>``.
+built once inside it; its data is read as Ray datasets (posts preprocessed by Ray Data, or
+a feature cache) in two steps a search splits: :func:`prepare_data` once per search,
+:func:`loop_config` per trial; a finished Ray Train result's best checkpoint is exported
+from it as a model directory. A search (tune, ablate) is a run too, and each of its trials
+a run at ``<search run>/trials/<trial id>``.
 """
 
 from __future__ import annotations
@@ -11,17 +13,17 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from sgmft.checkpoint import METRICS, TRAIN_FILES
-from sgmft.config import Config
-
-TRAIN_STATE = "train_state.pt"
-"""Optimizer, schedule, epoch, RNG and history, beside the model files of a checkpoint."""
-
+from sgmft.checkpoint import CONFIG, METRICS, TRAIN_FILES, TRAIN_STATE, WEIGHTS
+from sgmft.config import Config, config_from_dict, config_to_dict
+from sgmft.data.schema import label_counts, load_labels, shard_files, split_rows
+from sgmft.feature_cache import FeatureCacheError, check_cache, feature_widths
 
 TRIALS = "trials"
 """The folder of a search's run directory that holds one run directory per trial."""
@@ -58,6 +60,115 @@ def resolve_dataset(cfg: Config) -> Path:
     return path
 
 
+def preprocess_concurrency(cfg: Config, cluster_cpus: float | None = None) -> int:
+    """Parallel preprocessing tasks: as configured, or every CPU the train workers leave free."""
+    if cfg.data.preprocess_concurrency is not None:
+        return cfg.data.preprocess_concurrency
+    if cluster_cpus is None:
+        import ray
+
+        cluster_cpus = ray.cluster_resources().get("CPU", 1.0)
+    free = cluster_cpus - cfg.train.num_workers * cfg.train.cpus_per_worker
+    return max(1, int(free))
+
+
+def maybe_materialize(ds, estimated_bytes: int, mode: str):
+    """Decode once and keep the result when it fits comfortably in the object store.
+
+    Streaming re-runs the whole read-decode pipeline every epoch; for a split that fits,
+    that repeats work and adds the pipeline's start-up to every epoch's first batch.
+    """
+    import ray
+
+    budget = ray.cluster_resources().get("object_store_memory", 0) / 5
+    if mode == "always" or (mode == "auto" and estimated_bytes < budget):
+        return ds.materialize()
+    return ds
+
+
+@dataclass
+class PreparedData:
+    """Ray datasets (train, val) read, and materialized when they fit, once, with the facts
+    about them that a run's loop needs. A search prepares once and hands this to every
+    trial whose :func:`data_key` matches ``key``."""
+
+    datasets: dict[str, Any]
+    dataset_dir: Path
+    labels: list[str]
+    train_rows: int
+    key: str
+    head_widths: dict[str, int] | None = None
+    """Cached features: the backbone's widths, so workers build the head alone."""
+
+
+def data_key(cfg: Config) -> str:
+    """What :func:`prepare_data` depends on: configs with the same key can share its datasets."""
+    d, backbone = cfg.data, cfg.model.backbone
+    key: dict[str, Any] = {
+        "path": d.path, "synth": None if d.path else asdict(d.synth), "context_length": d.context_length,
+        "max_image_pixels": d.max_image_pixels, "preprocess_batch_size": d.preprocess_batch_size,
+        "preprocess_concurrency": d.preprocess_concurrency, "materialize": d.materialize,
+        "features_path": cfg.train.features_path, "preset": backbone.preset,
+    }
+    if cfg.train.features_path:  # what check_cache holds the config to
+        key["backbone"] = asdict(backbone)
+        key["seed"] = None if (backbone.checkpoint or backbone.download_root) else cfg.train.seed
+    return json.dumps(key, sort_keys=True)
+
+
+def prepare_data(cfg: Config) -> PreparedData:
+    """Read the configured dataset (posts preprocessed by Ray Data, or a feature cache)."""
+    from sgmft.data.preprocess import PreprocessSpec
+    from sgmft.ray_data import feature_split, split_dataset
+
+    head_widths = None
+    if cfg.train.features_path:
+        dataset_dir = Path(cfg.train.features_path)
+        check_cache(dataset_dir, cfg)
+        labels = load_labels(dataset_dir)
+        head_widths = feature_widths(dataset_dir)
+        datasets = {
+            split: maybe_materialize(feature_split(dataset_dir, split, labels),
+                                     sum(Path(f).stat().st_size for f in shard_files(dataset_dir, split)) * 2, cfg.data.materialize)
+            for split in ("train", "val")
+        }
+    else:
+        dataset_dir = resolve_dataset(cfg)
+        labels = load_labels(dataset_dir)
+        spec = PreprocessSpec.from_config(cfg)
+        datasets = {
+            split: maybe_materialize(
+                split_dataset(dataset_dir, split, spec, labels, batch_size=cfg.data.preprocess_batch_size,
+                              concurrency=preprocess_concurrency(cfg)),
+                split_rows(dataset_dir, split) * (3 * spec.image_size ** 2 + 8 * spec.context_length + 8),
+                cfg.data.materialize)
+            for split in ("train", "val")
+        }
+    return PreparedData(datasets=datasets, dataset_dir=dataset_dir, labels=labels, train_rows=split_rows(dataset_dir, "train"),
+                        key=data_key(cfg), head_widths=head_widths)
+
+
+def loop_config(cfg: Config, data: PreparedData) -> dict:
+    """The worker loop's config for ``cfg`` on prepared ``data`` (the dataset brings its label set)."""
+    labels = data.labels
+    if cfg.model.num_labels != len(labels):
+        cfg.model.num_labels = len(labels)
+    class_weights = None
+    if cfg.train.class_weights == "balanced":
+        counts = np.array(label_counts(data.dataset_dir, labels), dtype=np.float64)
+        class_weights = (counts.sum() / (len(labels) * np.maximum(counts, 1))).tolist()
+    return {
+        "config": config_to_dict(cfg), "labels": labels, "class_weights": class_weights, "train_rows": data.train_rows,
+        "run_dir": str(run_dir(cfg)), "dataset_dir": str(data.dataset_dir), "head_widths": data.head_widths,
+    }
+
+
+def prepare(cfg: Config) -> tuple[dict, dict]:
+    """Ray datasets (train, val) and the loop config for ``cfg``."""
+    data = prepare_data(cfg)
+    return data.datasets, loop_config(cfg, data)
+
+
 def _kept_checkpoints(result: Any) -> list[tuple[Any, dict]]:
     """(checkpoint, metrics) of every checkpoint a finished run kept."""
     return [(ckpt, m) for ckpt, m in (result.best_checkpoints or []) if ckpt is not None]
@@ -76,7 +187,7 @@ def export_best(result: Any, cfg: Config, destination: Path) -> tuple[Path, dict
     """Copy the best checkpoint's model files (not its optimizer state) to a model directory.
 
     A head trained on cached features is completed there with its frozen backbone
-    (:func:`sgmft.features.complete_model_dir`): a model directory is always servable.
+    (:func:`complete_model_dir`): a model directory is always servable.
     """
     best_ckpt, best_metrics = best_checkpoint(result, cfg)
     # Ray keeps the latest checkpoint besides the best-k; its state holds the whole epoch history
@@ -90,8 +201,6 @@ def export_best(result: Any, cfg: Config, destination: Path) -> tuple[Path, dict
             for name in TRAIN_FILES:
                 shutil.copy2(Path(directory) / name, staging / name)
         if cfg.train.features_path:
-            from sgmft.features import complete_model_dir
-
             complete_model_dir(staging)
         metrics = json.loads((staging / METRICS).read_text())
         metrics.update({"version": f"{cfg.train.run_name}-epoch{best_metrics['epoch']}", "history": history})
@@ -103,6 +212,41 @@ def export_best(result: Any, cfg: Config, destination: Path) -> tuple[Path, dict
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return destination, best_metrics, history
+
+
+def complete_model_dir(model_dir: str | Path) -> bool:
+    """Make a head-only model directory (trained on cached features) complete and servable.
+
+    The frozen backbone is the one that made the cache, rebuilt here once, as the cache
+    builder built it: the cache's seed before ``build_backbone`` (random-init presets), or
+    the released weights (``checkpoint``/``download_root``), which its manifest records and
+    :func:`check_cache` holds the config to. Nothing is done (False) when the weights
+    already hold a backbone.
+    """
+    from safetensors.torch import load_file, save_model
+
+    from sgmft.models.sgmft import build_model
+
+    model_dir = Path(model_dir)
+    head = load_file(str(model_dir / WEIGHTS))
+    if any(name.startswith("backbone.") for name in head):
+        return False
+    cfg = config_from_dict(json.loads((model_dir / CONFIG).read_text()))
+    if not cfg.train.features_path:
+        raise FeatureCacheError(f"{model_dir} holds a head without a backbone and names no feature cache (train.features_path)")
+    manifest = check_cache(cfg.train.features_path, cfg)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(manifest["seed"])
+        model = build_model(cfg.model, load_pretrained=True)
+    missing, unexpected = model.load_state_dict(head, strict=False)
+    if unexpected or any(not name.startswith("backbone.") for name in missing):
+        raise FeatureCacheError(f"{model_dir / WEIGHTS} is not the head of {cfg.model.backbone.preset}: "
+                                f"unexpected {unexpected[:5]}, missing {[n for n in missing if not n.startswith('backbone.')][:5]}")
+    del head  # may map the file that is replaced next
+    staging = model_dir / f".{WEIGHTS}.tmp"
+    save_model(model, str(staging))
+    staging.replace(model_dir / WEIGHTS)
+    return True
 
 
 def trial_result(result: Any, trial_cfg: Config) -> Any:

@@ -1,4 +1,5 @@
-"""The Ray Train worker loop of SG-MFT: what every training worker runs.
+"""The Ray Train worker loop of SG-MFT: what every training worker runs, and the
+``TorchTrainer`` that runs it (:func:`build_trainer`, on the driver).
 
 Every epoch each worker trains the same number of steps (equal shards, whole batches
 only, so DDP never waits on a rank that ran out of data), validation counts are summed
@@ -22,12 +23,11 @@ from typing import Any
 
 import torch
 
-from sgmft.checkpoint import write_model_files
+from sgmft.checkpoint import TRAIN_STATE, write_model_files
 from sgmft.config import Config, config_from_dict
 from sgmft.metrics import classification_report
-from sgmft.models.backbone import BackboneOutput
+from sgmft.models.outputs import BackboneOutput
 from sgmft.progress import Reporter
-from sgmft.runs import TRAIN_STATE
 
 FEATURE_COLUMNS = ("text_tokens", "text_mask", "image_tokens", "text_embeds", "image_embeds")
 HISTORY_KEYS = ("epoch", "train_loss", "val_accuracy", "val_macro_f1", "samples_per_s", "data_wait_share")
@@ -78,7 +78,7 @@ class RayTrainSession:
     """What the loop asks of whoever runs it; by default Ray Train (a TorchTrainer worker).
 
     A single-worker Tune trial runs the same loop in its own process with
-    :class:`sgmft.tune.TrialSession` instead: no worker group and no process group to start.
+    :class:`sgmft.trials.TrialSession` instead: no worker group and no process group to start.
     """
 
     def rank_world(self) -> tuple[int, int]:
@@ -301,7 +301,7 @@ def report_epoch(run: WorkerRun, epoch: int, metrics: dict[str, Any], report: di
 
 
 def train_loop_per_worker(loop: dict[str, Any], session: RayTrainSession | None = None) -> None:
-    """Runs on every Ray Train worker (or, with a :class:`sgmft.tune.TrialSession`, in a Tune trial)."""
+    """Runs on every Ray Train worker (or, with a :class:`sgmft.trials.TrialSession`, in a Tune trial)."""
     run = setup_worker(loop, session)
     train_shard, val_shard = run.session.dataset("train"), run.session.dataset("val")
     marker = Path(loop["run_dir"]) / ".fail_once_done"
@@ -310,3 +310,38 @@ def train_loop_per_worker(loop: dict[str, Any], session: RayTrainSession | None 
         stats = train_epoch(run, train_shard, epoch, marker)
         metrics, report = epoch_metrics(run, epoch, stats, validation_matrix(run, val_shard, epoch))
         report_epoch(run, epoch, metrics, report, started)
+
+
+def build_trainer(cfg: Config, datasets: dict, loop: dict, cpus_per_worker: float | None = None, run_config=None):
+    """A TorchTrainer for ``cfg``; Tune trials pass their own run_config and CPU share."""
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    t = cfg.train
+    resources = worker_resources(cfg, cpus_per_worker)
+    run_config = run_config or RunConfig(
+        name=t.run_name,
+        storage_path=str(Path(t.storage_path).resolve()),
+        failure_config=FailureConfig(max_failures=t.max_failures),
+        checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints, checkpoint_score_attribute=t.metric,
+                                           checkpoint_score_order=t.metric_mode),
+    )
+    # as many intra-op threads as CPUs reserved: more would fight the other workers and trials
+    loop = {**loop, "torch_threads": max(1, int(resources["CPU"]))}
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop,
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),
+        run_config=run_config,
+        datasets=datasets,
+        # one worker reads the whole datasets: no streaming split, so no split-coordinator actor per dataset
+        dataset_config=DataConfig(datasets_to_split=[]) if t.num_workers == 1 else None,
+    )
+
+
+def worker_resources(cfg: Config, cpus_per_worker: float | None = None) -> dict[str, float]:
+    """What each training worker reserves: its CPUs and, with ``train.use_gpu``, its GPU share."""
+    resources = {"CPU": cpus_per_worker if cpus_per_worker is not None else cfg.train.cpus_per_worker}
+    if cfg.train.use_gpu:
+        resources["GPU"] = cfg.train.gpus_per_worker
+    return resources

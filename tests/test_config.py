@@ -84,3 +84,12 @@ def _leaves(values, prefix=()):
             yield from _leaves(value, prefix + (key,))
         else:
             yield prefix + (key,), value
+
+
+def test_config_names_every_preset_that_presets_describes():
+    """The config schema (which presets a config may name, their head widths) and
+    sgmft.presets (how each is built) keep a preset list each, so neither imports the other."""
+    from sgmft.config import BACKBONE_PRESETS
+    from sgmft.presets import CUSTOM, RELEASED
+
+    assert list(BACKBONE_PRESETS) == [*CUSTOM, *RELEASED]

@@ -5,9 +5,10 @@ import dataclasses
 import pytest
 import torch
 
-from sgmft.checkpoint import ModelDirError, load_model_dir, save_model_dir
+from sgmft.checkpoint import ModelDirError, save_model_dir
 from sgmft.config import Config, model_config_for
-from sgmft.models.sgmft import InterpolationAttention, build_model
+from sgmft.models.head import InterpolationAttention
+from sgmft.models.sgmft import build_model, load_model_dir
 
 B, L = 3, 16
 

@@ -79,8 +79,8 @@ def test_bad_search_space_is_refused_with_its_key(tmp_path):
 def test_fractional_gpus_pack_trials_on_a_gpu(monkeypatch):
     import ray
 
-    from sgmft.train import worker_resources
-    from sgmft.tune import concurrency
+    from sgmft.train_loop import worker_resources
+    from sgmft.trials import concurrency
 
     cfg = load_config(REPO / "jobs" / "configs" / "tune_cached_gpu.yaml")
     assert cfg.train.use_gpu and cfg.train.gpus_per_worker == 0.25 and cfg.train.num_workers == 1
@@ -101,7 +101,7 @@ def test_fractional_gpus_pack_trials_on_a_gpu(monkeypatch):
 def test_a_trial_applies_named_override_sets_then_its_sampled_keys(tmp_path):
     from sgmft.config import config_to_dict
     from sgmft.runs import run_dir
-    from sgmft.tune import TrialSetup
+    from sgmft.trials import TrialSetup
 
     setup = TrialSetup(base=config_to_dict(load_config(None)), search_dir=str(tmp_path / "search"),
                        groups={"variant": {"text_only": {"model.modalities": "text", "train.lr": 1.0}}})
@@ -136,7 +136,7 @@ def test_cached_features_equal_live_ones_and_train_the_same(ray_cluster, tmp_pat
     from sgmft.data.preprocess import PreprocessSpec, preprocess_batch
     from sgmft.data.schema import split_files
     from sgmft.evaluate import evaluate_local
-    from sgmft.features import FeatureCacheError
+    from sgmft.feature_cache import FeatureCacheError
     from sgmft.models.backbone import build_backbone
     from sgmft.train import train
 

@@ -24,7 +24,8 @@ def _synth(args: argparse.Namespace) -> None:
 
     labels = _labels_arg(args.labels)
     report = synthesize(args.out, n=args.n, seed=args.seed, text_noise=args.text_noise, image_noise=args.image_noise,
-                        image_swap=args.image_swap, image_size=args.image_size,
+                        image_swap=args.image_swap, image_size=args.image_size, two_object_share=args.two_object_share,
+                        misleading_share=args.misleading_share, val_frac=args.val_frac, test_frac=args.test_frac,
                         **({"labels": labels} if labels else {}), overwrite=args.overwrite)
     print(_summary(report, args.out))
     realized = ", ".join(f"{k} {v:.3f}" for k, v in report["realized_noise"].items())
@@ -87,6 +88,12 @@ def register(commands: argparse._SubParsersAction) -> None:
     synth.add_argument("--image-noise", type=float, default=defaults.image_noise, help="share of posts whose image has no cue")
     synth.add_argument("--image-swap", type=float, default=defaults.image_swap, help="share of posts with another category's image")
     synth.add_argument("--image-size", type=int, default=defaults.image_size, help="side of the drawn images in pixels")
+    synth.add_argument("--two-object-share", type=float, default=defaults.two_object_share,
+                       help="share of posts with two category pictures and a text that says which one counts")
+    synth.add_argument("--misleading-share", type=float, default=defaults.misleading_share,
+                       help="share of posts whose text names another category's place as where the poster is not")
+    synth.add_argument("--val-frac", type=float, default=0.1, help="share of posts in the val split")
+    synth.add_argument("--test-frac", type=float, default=0.1, help="share of posts in the test split")
     synth.add_argument("--labels", help="comma-separated labels or a JSON list file (default: the 10 location labels)")
     synth.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
     synth.set_defaults(func=_synth)

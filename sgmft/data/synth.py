@@ -408,6 +408,20 @@ _REGULAR_CASES = {
     (False, "cue"): "image_only_cue", (False, "neutral"): "no_cue", (False, "swap"): "swapped_image",
 }
 
+META_FIELDS = [
+    pa.field("meta_text_cue", pa.bool_()),
+    pa.field("meta_image_kind", pa.string()),
+    pa.field("meta_image_label", pa.string()),
+    pa.field("meta_image_format", pa.string()),
+    pa.field("meta_case", pa.string()),
+    pa.field("meta_text_label", pa.string()),
+    pa.field("meta_image_other_label", pa.string()),
+    pa.field("meta_label_side", pa.string()),
+    pa.field("meta_text_ref", pa.string()),
+]
+"""The ``meta_*`` columns of a synthetic dataset, after the columns every dataset has."""
+
+
 def _rng(seed: int, index: int, stream: int) -> np.random.Generator:
     return np.random.default_rng([seed, index, stream])
 
@@ -466,71 +480,13 @@ def synthesize(
     # Balanced classes: each label n // K or n // K + 1 times, in a seeded order.
     order = _rng(seed, n, _LABELS).permutation(n)
     post_labels = [labels[int(k) % len(labels)] for k in order]
-    styles = [category_style(i, len(labels)) for i in range(len(labels))]
-    rows = []
-    for index, label in enumerate(post_labels):
-        label_index = labels.index(label)
-        case_rng = _rng(seed, index, _CASE)
-        u = case_rng.random()
-        text_rng, image_rng = _rng(seed, index, _TEXT), _rng(seed, index, _IMAGE)
-        meta: dict[str, Any] = {"meta_text_label": None, "meta_image_other_label": None,
-                                "meta_label_side": None, "meta_text_ref": None}
-        if u < two_object_share + misleading_share:
-            other = labels[(label_index + 1 + int(case_rng.integers(len(labels) - 1))) % len(labels)]
-            text_cue = False
-            if u < two_object_share:
-                side = SIDES[int(case_rng.integers(2))]
-                shade = SHAPE_SHADES[int(case_rng.integers(2))]  # the label's shape colour
-                by_colour = bool(case_rng.random() < 0.5)
-                case, ref = ("two_objects_by_colour", shade) if by_colour else ("two_objects_by_position", side)
-                text = two_object_text(text_rng, ref)
-                left, right = (label, other) if side == "left" else (other, label)
-                left_shade = shade if side == "left" else SHAPE_SHADES[1 - SHAPE_SHADES.index(shade)]
-                image = draw_two_object_image(image_rng, styles[labels.index(left)], styles[labels.index(right)],
-                                              image_size, left_shade)
-                image_kind, image_label = "two_objects", label
-                meta.update(meta_image_other_label=other, meta_label_side=side, meta_text_ref=ref)
-            else:
-                case, text = "misleading_text", misleading_text(text_rng, other)
-                image_kind, image_label = "cue", label
-                image = draw_category_image(image_rng, styles[label_index], image_size)
-                meta.update(meta_text_label=other)
-        else:
-            text_cue = bool(_rng(seed, index, _TEXT_NOISE).random() >= text_noise)
-            kind_draw = _rng(seed, index, _IMAGE_KIND)
-            v = kind_draw.random()
-            image_kind = "neutral" if v < image_noise else "swap" if v < image_noise + image_swap else "cue"
-            text = cue_text(text_rng, label) if text_cue else chatter_text(text_rng, sentences)
-            if text_cue and text_rng.random() < 0.35:
-                text = f"{text} {_pick(text_rng, sentences)[:40]}"
-            if image_kind == "neutral":
-                image_label = None
-                image = draw_neutral_image(image_rng, image_size)
-            else:
-                shift = 0 if image_kind == "cue" else 1 + int(kind_draw.integers(len(labels) - 1))
-                image_label = labels[(label_index + shift) % len(labels)]
-                image = draw_category_image(image_rng, styles[labels.index(image_label)], image_size)
-            case = _REGULAR_CASES[text_cue, image_kind]
-            meta.update(meta_text_label=label if text_cue else None)
-        data, fmt = encode_image(_rng(seed, index, _ENCODING), image)
-        rows.append({
-            "post_id": f"synth-{seed}-{index:06d}", "text": text, "image": data, "label": label,
-            "meta_text_cue": text_cue, "meta_image_kind": image_kind,
-            "meta_image_label": image_label, "meta_image_format": fmt, "meta_case": case, **meta,
-        })
+    recipe = _Recipe(seed=seed, labels=labels, styles=[category_style(i, len(labels)) for i in range(len(labels))],
+                     sentences=sentences, image_size=image_size, text_noise=text_noise, image_noise=image_noise,
+                     image_swap=image_swap, two_object_share=two_object_share, misleading_share=misleading_share)
+    rows = [_post(recipe, index, label) for index, label in enumerate(post_labels)]
 
     splits = schema.stratified_split(post_labels, val_frac, test_frac, seed)
-    table_schema = schema.dataset_schema([
-        pa.field("meta_text_cue", pa.bool_()),
-        pa.field("meta_image_kind", pa.string()),
-        pa.field("meta_image_label", pa.string()),
-        pa.field("meta_image_format", pa.string()),
-        pa.field("meta_case", pa.string()),
-        pa.field("meta_text_label", pa.string()),
-        pa.field("meta_image_other_label", pa.string()),
-        pa.field("meta_label_side", pa.string()),
-        pa.field("meta_text_ref", pa.string()),
-    ])
+    table_schema = schema.dataset_schema(META_FIELDS)
     for split in schema.SPLITS:
         schema.write_split([r for r, s in zip(rows, splits) if s == split], out, split, rows_per_shard, table_schema)
     schema.write_labels(out, labels)
@@ -541,6 +497,88 @@ def synthesize(
                                                  "misleading_share": misleading_share})
     schema.write_json(out / schema.REPORT_FILE, report)
     return report
+
+
+@dataclass(frozen=True)
+class _Recipe:
+    """What every post of one synthetic dataset is drawn with."""
+
+    seed: int
+    labels: list[str]
+    styles: list[ImageStyle]
+    sentences: list[str]
+    image_size: int
+    text_noise: float
+    image_noise: float
+    image_swap: float
+    two_object_share: float
+    misleading_share: float
+
+
+def _post(r: _Recipe, index: int, label: str) -> dict[str, Any]:
+    """Post ``index`` of label ``label``: its case, text and image, each from its own random stream."""
+    case_rng = _rng(r.seed, index, _CASE)
+    u = case_rng.random()
+    text_rng, image_rng = _rng(r.seed, index, _TEXT), _rng(r.seed, index, _IMAGE)
+    meta: dict[str, Any] = {"meta_text_label": None, "meta_image_other_label": None,
+                            "meta_label_side": None, "meta_text_ref": None}
+    if u < r.two_object_share + r.misleading_share:
+        label_index = r.labels.index(label)
+        other = r.labels[(label_index + 1 + int(case_rng.integers(len(r.labels) - 1))) % len(r.labels)]
+        text_cue = False
+        if u < r.two_object_share:
+            case, text, image, image_kind, image_label = _two_object_post(r, label, other, case_rng, text_rng, image_rng, meta)
+        else:
+            case, text = "misleading_text", misleading_text(text_rng, other)
+            image_kind, image_label = "cue", label
+            image = draw_category_image(image_rng, r.styles[label_index], r.image_size)
+            meta.update(meta_text_label=other)
+    else:
+        text_cue, case, text, image, image_kind, image_label = _regular_post(r, index, label, text_rng, image_rng, meta)
+    data, fmt = encode_image(_rng(r.seed, index, _ENCODING), image)
+    return {
+        "post_id": f"synth-{r.seed}-{index:06d}", "text": text, "image": data, "label": label,
+        "meta_text_cue": text_cue, "meta_image_kind": image_kind,
+        "meta_image_label": image_label, "meta_image_format": fmt, "meta_case": case, **meta,
+    }
+
+
+def _two_object_post(r: _Recipe, label: str, other: str, case_rng: np.random.Generator, text_rng: np.random.Generator,
+                     image_rng: np.random.Generator, meta: dict[str, Any]) -> tuple[str, str, Image.Image, str, str]:
+    """The label's picture and ``other``'s side by side; the text says which one counts."""
+    side = SIDES[int(case_rng.integers(2))]
+    shade = SHAPE_SHADES[int(case_rng.integers(2))]  # the label's shape colour
+    by_colour = bool(case_rng.random() < 0.5)
+    case, ref = ("two_objects_by_colour", shade) if by_colour else ("two_objects_by_position", side)
+    text = two_object_text(text_rng, ref)
+    left, right = (label, other) if side == "left" else (other, label)
+    left_shade = shade if side == "left" else SHAPE_SHADES[1 - SHAPE_SHADES.index(shade)]
+    image = draw_two_object_image(image_rng, r.styles[r.labels.index(left)], r.styles[r.labels.index(right)],
+                                  r.image_size, left_shade)
+    meta.update(meta_image_other_label=other, meta_label_side=side, meta_text_ref=ref)
+    return case, text, image, "two_objects", label
+
+
+def _regular_post(r: _Recipe, index: int, label: str, text_rng: np.random.Generator, image_rng: np.random.Generator,
+                  meta: dict[str, Any]) -> tuple[bool, str, str, Image.Image, str, str | None]:
+    """Independent draws: a cue or chatter text, and a cue, swapped or neutral image."""
+    label_index = r.labels.index(label)
+    text_cue = bool(_rng(r.seed, index, _TEXT_NOISE).random() >= r.text_noise)
+    kind_draw = _rng(r.seed, index, _IMAGE_KIND)
+    v = kind_draw.random()
+    image_kind = "neutral" if v < r.image_noise else "swap" if v < r.image_noise + r.image_swap else "cue"
+    text = cue_text(text_rng, label) if text_cue else chatter_text(text_rng, r.sentences)
+    if text_cue and text_rng.random() < 0.35:
+        text = f"{text} {_pick(text_rng, r.sentences)[:40]}"
+    if image_kind == "neutral":
+        image_label = None
+        image = draw_neutral_image(image_rng, r.image_size)
+    else:
+        shift = 0 if image_kind == "cue" else 1 + int(kind_draw.integers(len(r.labels) - 1))
+        image_label = r.labels[(label_index + shift) % len(r.labels)]
+        image = draw_category_image(image_rng, r.styles[r.labels.index(image_label)], r.image_size)
+    meta.update(meta_text_label=label if text_cue else None)
+    return text_cue, _REGULAR_CASES[text_cue, image_kind], text, image, image_kind, image_label
 
 
 def _report(rows: list[dict[str, Any]], splits: list[str], labels: list[str], *, seed: int, image_size: int,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import json
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ import torch
 from torch import nn
 
 from sgmft.config import BackboneConfig
+from sgmft.models.outputs import BackboneOutput
 from sgmft.presets import CLIP_MEAN, CLIP_STD, CUSTOM, PAD_TOKEN_ID, RELEASED, check_preset, image_size_of
 
 # Re-exported: the presets module is the one place these facts live.
@@ -62,17 +62,6 @@ def _normalisation(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     scale = torch.tensor([1.0 / (255.0 * s) for s in CLIP_STD], device=device).view(1, 3, 1, 1)
     offset = torch.tensor([-m / s for m, s in zip(CLIP_MEAN, CLIP_STD)], device=device).view(1, 3, 1, 1)
     return offset, scale
-
-
-@dataclass
-class BackboneOutput:
-    """Token-level and pooled features of one batch. Absent modalities are None."""
-
-    text_tokens: torch.Tensor | None = None  # (B, Lt, dt)
-    text_mask: torch.Tensor | None = None  # (B, Lt) bool, True for real tokens
-    image_tokens: torch.Tensor | None = None  # (B, Lv, dv)
-    text_embeds: torch.Tensor | None = None  # (B, E) pooled CLIP embedding
-    image_embeds: torch.Tensor | None = None  # (B, E)
 
 
 class ClipBackbone(nn.Module):
