@@ -11,6 +11,7 @@ the cross-modal cases (:data:`CROSS_MODAL_CASES`).
 
 from __future__ import annotations
 
+import argparse
 import json
 import tempfile
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from sgmft.config import Config
+from sgmft.cli_args import add_config_args, add_verbose_arg, cluster_name, config_from_args, data_source, print_where, progress_bars, ray_for_command, show_path
 
 # Each variant is a set of config overrides on top of the full model (the switches of docs/DESIGN.md).
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -354,3 +356,31 @@ def _save_predictions(trials: dict[tuple[str, int], Predictions], path: Path) ->
     np.savez_compressed(path, post_ids=first.post_ids.astype(str), labels=first.labels, ok=first.ok,
                         cases=np.array(["" if c is None else c for c in first.cases], dtype=str),
                         **{f"{v}-seed{s}": p.probs for (v, s), p in trials.items()})
+
+
+# --- the command line ----------------------------------------------------------------------
+
+def cmd_ablate(args: argparse.Namespace) -> None:
+    from sgmft.runs import run_dir
+
+    cfg = config_from_args(args)
+    directory = run_dir(cfg)
+    variants, seeds = args.variants or list(TABLE_ORDER), args.seeds or list(DEFAULT_SEEDS)
+    trained = trained_variants(variants)  # late_fusion is computed from text_only and image_only, not trained
+    print(f"SG-MFT ablation: {len(variants)} variants, {len(trained)} trained x {len(seeds)} seeds as a Ray Tune grid, "
+          f"{cfg.train.epochs} epochs each, {data_source(cfg)}, on {cluster_name()}", flush=True)
+    print_where("directory", directory, directory / "logs", args.verbose)
+    with ray_for_command(args, directory / "logs") as console, progress_bars(console, per_run=False):
+        outcome = ablate(cfg, variants=variants, seeds=seeds)
+    print(outcome.markdown)
+    print(f"written: {show_path(outcome.directory / 'ablation.md')}, {show_path(outcome.directory / 'ablation.json')}")
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("ablate", help="the ablation table: variants x seeds as a Ray Tune grid")
+    add_config_args(parser)
+    add_verbose_arg(parser)
+    parser.add_argument("--variants", nargs="+", help="subset of variants (default: all; late_fusion trains text_only "
+                        "and image_only)")
+    parser.add_argument("--seeds", nargs="+", type=int, help="seeds (default: 0 1 2 3 4)")
+    parser.set_defaults(func=cmd_ablate)

@@ -1,8 +1,8 @@
-"""The ``sgmft`` command line. Each command imports its heavy modules only when it runs.
+"""The ``sgmft`` command line: the commands of every workflow, gathered.
 
-The command groups live next to the code they run (``sgmft.commands``, ``sgmft.data.cli``,
-``serve_app.cli``); they take their shared arguments from :mod:`sgmft.cli_args`, never
-from this module, so the imports only go one way.
+Each command lives next to the code it runs (``sgmft.train``, ``sgmft.tune``, ...,
+``sgmft.data.cli``, ``serve_app.cli``) and takes what commands share from
+:mod:`sgmft.cli_args`, never from this module, so the imports only go one way.
 """
 
 from __future__ import annotations
@@ -12,9 +12,12 @@ import sys
 from typing import Callable
 
 from serve_app import cli as serve_cli
-from sgmft import commands
+from sgmft import ablate, evaluate, features, predict, train, tune
 from sgmft.cli_args import run_command
 from sgmft.data import cli as data_cli
+
+PIPELINE = (train, tune, features, ablate, evaluate, predict)
+"""The workflows whose commands ``ray job submit`` can run too (see ``jobs``), in --help order."""
 
 Command = Callable[[argparse.Namespace], int | None]
 
@@ -38,8 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     summary.add_argument("--implementation", choices=["cn_clip", "hf"], default="cn_clip")
     summary.set_defaults(func=_model_summary)
 
-    for group in (data_cli, commands, serve_cli):
-        group.register(subcommands)
+    data_cli.register(subcommands)
+    for workflow in PIPELINE:
+        workflow.add_commands(subcommands)
+    serve_cli.register(subcommands)
     return parser
 
 

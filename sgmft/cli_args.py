@@ -1,17 +1,29 @@
-"""What the command groups share: ``--config``/``--set``, ``--verbose``, and running a
-parsed command (:func:`run_command`).
+"""What every command shares: ``--config``/``--set``, ``--verbose``, running a parsed
+command (:func:`run_command`), and how a command talks to the user.
 
-A module of its own so that the command modules (``sgmft.commands``, ``sgmft.data.cli``,
-``serve_app.cli``), ``sgmft.cli``, which imports them, and the ``jobs`` entrypoints, which
-import only the pipeline commands, never import each other back.
+Each command prints what is about to run and where its files go, a progress bar while Ray
+works (on a terminal: posts done, posts/s, ETA), one line per epoch, and a summary. Ray's
+own output goes to the log directory the banner names (see :mod:`sgmft.console`);
+``--verbose`` shows it here instead.
+
+The commands live with the workflow they run (``sgmft.train``, ``sgmft.tune``, ...,
+``sgmft.data.cli``, ``serve_app.cli``); ``sgmft.cli`` and the ``jobs`` entrypoints gather
+them. This module sits below all of them, so no import goes back up.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
 
 from sgmft.config import Config, ConfigError, load_config
+
+if TYPE_CHECKING:
+    from sgmft.console import Console
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -45,3 +57,77 @@ def run_command(parser: argparse.ArgumentParser, argv: list[str] | None = None) 
         print(f"sgmft: error: {exc}", file=sys.stderr)
         return 2
     return int(result or 0)
+
+
+def show_path(path: str | Path) -> str:
+    """A path as the user would type it: relative to the working directory when inside it."""
+    path = Path(path).resolve()
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def print_where(label: str, directory: str | Path, log_dir: Path, verbose: bool) -> None:
+    """The banner's second line: where the outputs go, and where Ray's logs go unless --verbose."""
+    logs = "" if verbose else f" (Ray's logs: {show_path(log_dir)})"
+    print(f"{label}: {show_path(directory)}{logs}", flush=True)
+
+
+def cluster_name() -> str:
+    return "the Ray cluster at RAY_ADDRESS" if os.environ.get("RAY_ADDRESS") else "local Ray"
+
+
+def data_source(cfg) -> str:
+    if cfg.train.features_path:
+        return f"cached features {cfg.train.features_path}"
+    if cfg.data.path:
+        return f"data {cfg.data.path}"
+    return f"{cfg.data.synth.n} synthetic Weibo-like posts"
+
+
+@contextlib.contextmanager
+def ray_for_command(args: argparse.Namespace, log_dir: Path) -> Iterator["Console"]:
+    """Ray for one command: joined or started quietly (Ray's output to ``log_dir``) unless
+    --verbose. Yields the user's console. A Ray this command started is shut down on the way
+    out, still inside the quiet console, so its last words are logged too: print the summary
+    after the block."""
+    import ray
+
+    from sgmft.console import WORKERS_LOG, quiet_console
+    from sgmft.local_ray import connect
+
+    verbose = getattr(args, "verbose", False)
+    try:
+        with quiet_console(None if verbose else log_dir) as console:
+            started = connect(worker_log=None if verbose else log_dir / WORKERS_LOG)
+            try:
+                yield console
+            finally:
+                if started:
+                    ray.shutdown()
+    except Exception as exc:
+        if not verbose and not isinstance(exc, (FileNotFoundError, ValueError)):  # those are the user's, one line
+            print(f"sgmft: Ray's logs are in {show_path(log_dir)}", file=sys.stderr)
+        raise
+
+
+def progress_bars(console: "Console", per_run: bool = True):
+    from sgmft.progress import Progress
+
+    return Progress(out=console.out, term=console.term, per_run=per_run)
+
+
+def check_inputs(model: str, data: str) -> None:
+    """The user's typos, refused before any Ray starts or any log directory is made."""
+    from sgmft.checkpoint import check_model_dir
+
+    check_model_dir(model)
+    if not Path(data).exists():
+        raise FileNotFoundError(f"{data} does not exist")
+
+
+def log_dir_beside(out: str | Path) -> Path:
+    """The log directory of a command whose output directory must start empty: next to it."""
+    out = Path(out).resolve()
+    return out.with_name(out.name + ".logs")

@@ -6,6 +6,7 @@ Where the dataset has a ``meta_case`` column (the synthetic set names each post'
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from sgmft.metrics import classification_report, confusion_matrix
+from sgmft.cli_args import add_verbose_arg, check_inputs, print_where, progress_bars, ray_for_command, show_path
 
 
 def plot_confusion(matrix: np.ndarray, labels: list[str], path: Path, title: str) -> None:
@@ -148,3 +150,35 @@ def evaluate(model_dir: str | Path, dataset_dir: str | Path, split: str = "test"
     plot_confusion(np.array(report["confusion_matrix"]), labels, out / f"confusion-{split}.png",
                    f"{split}: accuracy {report['accuracy']:.3f}, macro-F1 {report['macro_f1']:.3f}")
     return report
+
+
+# --- the command line ----------------------------------------------------------------------
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+
+    check_inputs(args.model, args.data)
+    log_dir = Path(args.out or args.model) / "logs"
+    print(f"SG-MFT evaluate: {show_path(args.model)} on the {args.split} split of {show_path(args.data)}", flush=True)
+    print_where("written to", args.out or args.model, log_dir, args.verbose)
+    with ray_for_command(args, log_dir) as console, progress_bars(console):
+        report = evaluate(args.model, args.data, split=args.split, out_dir=args.out)
+    failed = f", {report['failed']} failed to decode" if report["failed"] else ""
+    print(f"{args.split}: accuracy {report['accuracy']:.4f}, macro-F1 {report['macro_f1']:.4f} on {report['num_examples']} posts{failed}")
+    width = max(len(label) for label in report["labels"])
+    print(f"{'label':<{width}} {'precision':>9} {'recall':>7} {'F1':>6} {'support':>7}")
+    for label, m in report["per_class"].items():
+        print(f"{label:<{width}} {m['precision']:>9.3f} {m['recall']:>7.3f} {m['f1']:>6.3f} {m['support']:>7}")
+    if report.get("per_case"):  # datasets with a meta_case column (the synthetic set)
+        print(format_per_case(report["per_case"]))
+    written = Path(args.out or args.model) / f"eval-{args.split}.json"
+    print(f"written: {written} and confusion-{args.split}.png")
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("evaluate", help="metrics and confusion matrix of a model on a labelled split")
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--out", help="where to write (default: the model directory)")
+    add_verbose_arg(parser)
+    parser.set_defaults(func=cmd_evaluate)

@@ -9,6 +9,7 @@ is :mod:`sgmft.feature_cache`.
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 from dataclasses import asdict
@@ -25,6 +26,7 @@ from sgmft.feature_cache import MANIFEST, widths_from_shards
 from sgmft.inference import autocast, default_device, to_device
 from sgmft.models.backbone import build_backbone
 from sgmft.ray_data import read_parquet_files
+from sgmft.cli_args import add_verbose_arg, config_from_args, log_dir_beside, print_where, progress_bars, ray_for_command, show_path
 
 
 class FeatureExtractor:
@@ -98,3 +100,31 @@ def cache_features(cfg: Config, dataset_dir: str | Path, out_dir: str | Path, *,
     return manifest
 
 
+# --- the command line ----------------------------------------------------------------------
+
+def cmd_features_cache(args: argparse.Namespace) -> None:
+
+    cfg = config_from_args(args)
+    cfg.model.backbone.policy = "frozen"
+    log_dir = log_dir_beside(args.out)
+    print(f"SG-MFT features: the frozen {cfg.model.backbone.preset} Chinese-CLIP backbone on {show_path(args.data)}, "
+          f"{args.concurrency} replica{'s' if args.concurrency != 1 else ''}", flush=True)
+    print_where("feature cache", args.out, log_dir, args.verbose)
+    with ray_for_command(args, log_dir) as console, progress_bars(console):
+        manifest = cache_features(cfg, args.data, args.out, concurrency=args.concurrency, num_gpus=args.num_gpus,
+                                  overwrite=args.overwrite)
+    print(json.dumps(manifest, indent=2))
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    features = commands.add_parser("features", help="backbone feature cache").add_subparsers(dest="features_command", required=True)
+    cache = features.add_parser("cache", help="compute frozen-backbone features once with Ray Data")
+    cache.add_argument("--model-config", dest="config", help="YAML config whose model.backbone is cached")
+    cache.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    cache.add_argument("--data", required=True, help="dataset directory")
+    cache.add_argument("--out", required=True, help="feature cache directory")
+    cache.add_argument("--concurrency", type=int, default=1)
+    cache.add_argument("--num-gpus", type=float, default=0.0)
+    cache.add_argument("--overwrite", action="store_true")
+    add_verbose_arg(cache)
+    cache.set_defaults(func=cmd_features_cache)

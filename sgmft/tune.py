@@ -18,6 +18,7 @@ best checkpoint is exported, on cached features with its frozen backbone.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import time
@@ -28,6 +29,7 @@ from typing import Any
 from sgmft.config import Config, ConfigError, config_to_dict
 from sgmft.runs import export_trial, run_dir
 from sgmft.trials import TrialSetup, concurrency, in_process, run_config, search_setup, trainable, trial_config
+from sgmft.cli_args import add_config_args, add_verbose_arg, cluster_name, config_from_args, data_source, print_where, progress_bars, ray_for_command, show_path
 
 DISTRIBUTIONS = ("uniform", "loguniform", "choice", "randint", "grid")
 
@@ -167,3 +169,29 @@ def _plot(results, path: Path, metric: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+# --- the command line ----------------------------------------------------------------------
+
+def cmd_tune(args: argparse.Namespace) -> None:
+
+    cfg = config_from_args(args)
+    directory = run_dir(cfg)
+    t = cfg.tune
+    print(f"SG-MFT tune: {t.num_samples} trials ({t.searcher} search, ASHA) of up to {cfg.train.epochs} epochs over "
+          f"{len(t.search_space)} settings, {data_source(cfg)}, on {cluster_name()}", flush=True)
+    print_where("experiment directory", directory, directory / "logs", args.verbose)
+    with ray_for_command(args, directory / "logs") as console, progress_bars(console, per_run=False):
+        outcome = tune(cfg, resume=not args.fresh)
+    print((outcome.experiment_dir / "trials.md").read_text())
+    print(f"best: {cfg.train.metric} {outcome.best_metrics[cfg.train.metric]:.4f} at epoch {outcome.best_metrics['epoch']}")
+    print(f"best model directory: {show_path(outcome.model_dir)}\nall trials: {show_path(outcome.experiment_dir / 'trials.csv')}, "
+          f"plot: {show_path(outcome.experiment_dir / 'trials.png')}")
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("tune", help="hyper-parameter search with Ray Tune (ASHA); resumes a run of the same name")
+    add_config_args(parser)
+    add_verbose_arg(parser)
+    parser.add_argument("--fresh", action="store_true", help="start over instead of resuming train.run_name")
+    parser.set_defaults(func=cmd_tune)
