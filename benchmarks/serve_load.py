@@ -1,6 +1,7 @@
 """What users of the Serve app see: closed-loop HTTP load against the in-process baseline.
 
     python -m benchmarks.serve_load [--quick] [--haproxy]     CPU: tiny demo model
+    python -m benchmarks.serve_load --compare-proxies         both proxies, one after the other
     python -m benchmarks.serve_load --gpu                     GPU: ViT-B-16 bf16, writes gpu_serve.json
 
 Posts are photo-sized JPEGs (640x480, made from the workshop corpus images where
@@ -13,7 +14,9 @@ same run, on the same cores:
 - ``inprocess``: decode + tokenise + forward of the same posts in this process, one post
   per call on one thread (what one post costs without serving), and the same in batches.
 
-Writes benchmarks/results/serve_load.json (CPU) or gpu_serve.json (GPU).
+Writes benchmarks/results/serve_load.json (CPU) or gpu_serve.json (GPU); with
+``--compare-proxies`` also serve_load_haproxy.json and serve_load_proxies.json, the two
+proxies measured back to back in one invocation, each against its own in-process rows.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import save
+from benchmarks.common import RESULTS, save
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
 PHOTO_SIZE = (640, 480)
@@ -400,10 +403,37 @@ def print_table(points: list[Point], result: dict[str, Any]) -> None:
             print(f"{key}: {result[key]:.2f}")
 
 
+HIGH_THROUGHPUT_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+
+
+def compare_proxies(quick: bool) -> dict[str, Any]:
+    """The default proxy, then Serve's high-throughput switches (read when Ray starts, so each
+    mode runs in a process of its own), in one invocation; their ratios side by side."""
+    import json
+    import subprocess
+    import sys
+
+    modes = {"default": ({}, "serve_load"), "haproxy_throughput_optimized": (HIGH_THROUGHPUT_ENV, "serve_load_haproxy")}
+    result: dict[str, Any] = {}
+    for mode, (env, name) in modes.items():
+        argv = [sys.executable, "-m", "benchmarks.serve_load", *(["--quick"] if quick else []), *(["--haproxy"] if env else [])]
+        subprocess.run(argv, env={**os.environ, **env}, check=True, cwd=Path(__file__).resolve().parents[1])
+        saved = json.loads((RESULTS / f"{name}.json").read_text())
+        result[mode] = {"env": env, "result_file": f"{name}.json", **{k: saved[k] for k in (
+            "inprocess_one_post_posts_per_s", "inprocess_one_post_p50_ms", "overhead_p50_ms_c1", "serve_c32_vs_inprocess_one_thread")
+            if k in saved}}
+    for mode, r in result.items():
+        print(f"{mode}: +{r.get('overhead_p50_ms_c1', float('nan')):.1f} ms p50 at 1 client, "
+              f"{r.get('serve_c32_vs_inprocess_one_thread', float('nan')):.2f}x the one-thread in-process posts/s at 32")
+    save("serve_load_proxies", result)
+    return result
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer and shorter points")
     parser.add_argument("--haproxy", action="store_true", help="Serve's HAProxy proxy (RAY_SERVE_ENABLE_HA_PROXY=1)")
     parser.add_argument("--gpu", action="store_true", help="ViT-B-16 on the GPU; writes results/gpu_serve.json")
+    parser.add_argument("--compare-proxies", action="store_true", help="the default proxy, then HAProxy + throughput-optimized")
     args = parser.parse_args()
-    run(args.quick, args.haproxy, args.gpu)
+    compare_proxies(args.quick) if args.compare_proxies else run(args.quick, args.haproxy, args.gpu)
