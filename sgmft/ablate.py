@@ -20,8 +20,9 @@ from typing import Any
 
 import numpy as np
 
+from sgmft.cli_args import (add_config_args, add_verbose_arg, cluster_name, config_from_args, data_source, print_where,
+                            progress_bars, ray_for_command, show_path)
 from sgmft.config import Config
-from sgmft.cli_args import add_config_args, add_verbose_arg, cluster_name, config_from_args, data_source, print_where, progress_bars, ray_for_command, show_path
 
 # Each variant is a set of config overrides on top of the full model (the switches of docs/DESIGN.md).
 VARIANTS: dict[str, dict[str, Any]] = {

@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from sgmft.metrics import classification_report, confusion_matrix
 from sgmft.cli_args import add_verbose_arg, check_inputs, print_where, progress_bars, ray_for_command, show_path
+from sgmft.metrics import classification_report, confusion_matrix
 
 
 def plot_confusion(matrix: np.ndarray, labels: list[str], path: Path, title: str) -> None:

@@ -20,13 +20,14 @@ import numpy as np
 import torch
 
 from sgmft import progress
+from sgmft.cli_args import (add_verbose_arg, config_from_args, log_dir_beside, print_where, progress_bars,
+                            ray_for_command, show_path)
 from sgmft.config import BackboneConfig, Config
 from sgmft.data.schema import feature_split_dir
 from sgmft.feature_cache import MANIFEST, widths_from_shards
 from sgmft.inference import autocast, default_device, to_device
 from sgmft.models.backbone import build_backbone
 from sgmft.ray_data import read_parquet_files
-from sgmft.cli_args import add_verbose_arg, config_from_args, log_dir_beside, print_where, progress_bars, ray_for_command, show_path
 
 
 class FeatureExtractor:

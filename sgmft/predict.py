@@ -12,8 +12,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from sgmft.cli_args import (add_verbose_arg, check_inputs, log_dir_beside, print_where, progress_bars, ray_for_command,
+                            show_path)
 from sgmft.inference import predictions
-from sgmft.cli_args import add_verbose_arg, check_inputs, log_dir_beside, print_where, progress_bars, ray_for_command, show_path
 
 
 def predict_dataset(model_dir: str | Path, data: str | Path, out_dir: str | Path, split: str | None = None,

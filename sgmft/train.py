@@ -18,14 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from sgmft.checkpoint import METRICS
+from sgmft.cli_args import (add_config_args, add_verbose_arg, cluster_name, config_from_args, data_source, print_where,
+                            progress_bars, ray_for_command, show_path)
 from sgmft.config import Config
 from sgmft.runs import export_best, prepare
 from sgmft.train_loop import build_trainer
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "demo.yaml"
 """What ``sgmft demo`` runs: the embedded default, written out."""
-from sgmft.cli_args import (add_config_args, add_verbose_arg, cluster_name, config_from_args, data_source, print_where,
-                            progress_bars, ray_for_command, show_path)
 
 
 @dataclass
