@@ -19,7 +19,8 @@ from sgmft.models.sgmft import build_model
 from sgmft.optim import build_optimizer
 
 
-def _timed(fn, repeats: int) -> float:
+def timed(fn, repeats: int) -> float:
+    """Seconds per call of ``fn`` on the GPU, synchronised before and after."""
     torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(repeats):
@@ -50,7 +51,7 @@ def bare_train_step(model_cfg, batch: int, repeats: int) -> dict:
 
     for _ in range(3):
         train_step()
-    step_s = _timed(train_step, repeats)
+    step_s = timed(train_step, repeats)
     result = {"batch": batch, "seconds": step_s, "samples_per_s": batch / step_s,
               "max_memory_gib": torch.cuda.max_memory_allocated() / 2**30}
     return result  # the model and optimizer go with this frame; callers empty the CUDA cache
@@ -86,7 +87,7 @@ def run(quick: bool = False, compile_model: bool = False) -> dict:
 
     for _ in range(3):
         infer()
-    infer_s = _timed(infer, 5 if quick else 20)
+    infer_s = timed(infer, 5 if quick else 20)
     result["inference"] = {"batch": serve_batch, "seconds": infer_s, "posts_per_s": serve_batch / infer_s,
                            "compiled": compile_model, "goal_posts_per_s_h100": 5000}
     print(f"{result['gpu']}: bf16 train step {result['train_step']['samples_per_s']:.0f} samples/s; "

@@ -197,27 +197,23 @@ def forward_only_posts_per_s(runner, batch: int, repeats: int = 20) -> dict[str,
     the runner captured one for ``batch``, as a CUDA graph replay; GPU only."""
     import torch
 
+    from benchmarks.gpu_check import timed
     from sgmft.inference import autocast
 
     size, length = runner.spec.image_size, runner.spec.context_length
     ids = torch.randint(1000, 20000, (batch, length), device=runner.device)
     pixels = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=runner.device)
 
-    def timed(step) -> float:
+    def posts_per_s(step) -> float:
         for _ in range(3):
             step()
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(repeats):
-            step()
-        torch.cuda.synchronize()
-        return batch * repeats / (time.perf_counter() - start)
+        return batch / timed(step, repeats)
 
     with torch.inference_mode(), autocast(runner.device):
-        result = {"eager": timed(lambda: runner.loaded.model(ids, pixels).logits.float())}
+        result = {"eager": posts_per_s(lambda: runner.loaded.model(ids, pixels).logits.float())}
     captured = runner._graphs.get(batch)
     if captured is not None:
-        result["cuda_graph"] = timed(captured.graph.replay)
+        result["cuda_graph"] = posts_per_s(captured.graph.replay)
     return result
 
 

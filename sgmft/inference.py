@@ -49,12 +49,16 @@ def autocast(device: torch.device, enabled: bool | None = None, cache: bool = Tr
                           cache_enabled=cache)
 
 
+def host_tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array as a tensor ready to go to ``device``: pinned when that is a GPU, so the
+    copy there can run without blocking."""
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    return tensor.pin_memory() if device.type == "cuda" else tensor
+
+
 def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
     """A host array on ``device``: pinned and copied without blocking when that is a GPU."""
-    tensor = torch.from_numpy(np.ascontiguousarray(array))
-    if device.type == "cuda":
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor.to(device)
+    return host_tensor(array, device).to(device, non_blocking=device.type == "cuda")
 
 
 def is_uri(source: str) -> bool:
@@ -159,7 +163,7 @@ class InferenceRunner:
         captured = self._graphs.get(size)
         if captured is not None:
             with self._lock:
-                return captured.run(to_device(input_ids, self.device), to_device(pixel_values, self.device))
+                return captured.run(host_tensor(input_ids, self.device), host_tensor(pixel_values, self.device))
         if size > n:  # pad rows are all-padding text and black images, and are dropped below
             input_ids = np.concatenate([input_ids, np.zeros((size - n, *input_ids.shape[1:]), input_ids.dtype)])
             pixel_values = np.concatenate([pixel_values, np.zeros((size - n, *pixel_values.shape[1:]), pixel_values.dtype)])
@@ -292,6 +296,7 @@ class _CapturedForward:
             self.probs = torch.softmax(model(self.input_ids, self.pixel_values).logits.float(), dim=-1)
 
     def run(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> np.ndarray:
+        """Pinned host inputs of up to ``batch`` rows, copied straight into the static buffers."""
         n = len(input_ids)
         # Rows are independent through the model, so rows past n keep whatever they held.
         self.input_ids[:n].copy_(input_ids, non_blocking=True)
