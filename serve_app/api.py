@@ -21,6 +21,7 @@ import base64
 import binascii
 import json
 import time
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -52,6 +53,10 @@ class Backend(Protocol):
     """What the API needs from the model side (the ingress deployment, or an in-process stand-in)."""
 
     info: dict[str, Any]
+
+    def preparing(self) -> AbstractContextManager[None]:
+        """Held while a post is decoded and tokenised, right before its ``predict``."""
+        ...
 
     async def predict(self, input_ids: np.ndarray, pixel_values: np.ndarray) -> dict[str, Any]:
         """One post's model inputs -> ``{"top_k": [{"label", "probability"}, ...], "batch_size": int}``."""
@@ -271,7 +276,8 @@ class PostPredictor:
 
     async def predict(self, text: str, image: bytes) -> dict[str, Any]:
         start = time.perf_counter()
-        post = await run_in_threadpool(prepare_post, text, image, self.spec, self.max_text_chars)
+        with self.backend.preparing():  # the batcher waits for posts being prepared
+            post = await run_in_threadpool(prepare_post, text, image, self.spec, self.max_text_chars)
         self.metrics.observe_preprocess(time.perf_counter() - start)
         out = await self.backend.predict(post.input_ids, post.pixel_values)
         return {"label": out["top_k"][0]["label"], "top_k": out["top_k"], "text_truncated": post.text_truncated,

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,63 @@ class PostBatch:
     sent: float  # time.time() when the ingress sent it, for the queue-wait metric
 
 
+class ServedModel:
+    """A model directory loaded for serving: batches of posts in, each post's top-k out.
+
+    Held by a model replica (``serve.model_placement: replica``) or by every ingress
+    replica (``ingress``).
+    """
+
+    def __init__(self, model_dir: str, max_batch_size: int, top_k: int, compile: bool = False, cuda_graphs: bool = False):
+        from sgmft.inference import InferenceRunner, batch_buckets
+        from serve_app.metrics import ModelMetrics
+
+        self.runner = InferenceRunner(model_dir, buckets=batch_buckets(max_batch_size), compile=compile,
+                                      cuda_graphs=cuda_graphs)
+        self._max_batch_size, self._top_k = max_batch_size, top_k
+        self._failure: str | None = None
+        self._metrics = ModelMetrics()
+        self.runner.warmup(min(max_batch_size, 2))
+
+    def run(self, batches: list[PostBatch]) -> list[list[dict[str, Any]]]:
+        """Each batch's posts -> their top-k labels and the size of the forward they ran in.
+
+        Runs on the caller's thread: a forward thread holds the GIL for most of a CPU forward
+        and starves the replica's request handling; blocked here, arrivals pile up for the next run.
+        """
+        input_ids = np.concatenate([b.input_ids for b in batches])
+        pixel_values = np.concatenate([b.pixel_values for b in batches])
+        results: list[dict[str, Any]] = []
+        for i in range(0, len(input_ids), self._max_batch_size):
+            forward_start = time.time()
+            probs = self._forward(input_ids[i:i + self._max_batch_size], pixel_values[i:i + self._max_batch_size])
+            size = len(probs)
+            self._metrics.observe_batch(size, [forward_start - b.sent for b in batches], time.time() - forward_start)
+            results += [{"top_k": top, "batch_size": size} for top in self.runner.top_k(probs, self._top_k)]
+        out, offset = [], 0
+        for b in batches:
+            out.append(results[offset:offset + len(b.input_ids)])
+            offset += len(b.input_ids)
+        return out
+
+    def _forward(self, input_ids: np.ndarray, pixel_values: np.ndarray) -> np.ndarray:
+        try:
+            return self.runner.probabilities(input_ids, pixel_values)
+        except RuntimeError as exc:
+            # Inputs are validated by the ingress, so a failing forward on a GPU is the device's
+            # fault (CUDA error, out of memory): report unhealthy so Serve replaces this replica.
+            if self.runner.device.type == "cuda":
+                self._failure = f"{type(exc).__name__}: {exc}"
+            raise
+
+    def check_health(self) -> None:
+        if self._failure is not None:
+            raise RuntimeError(f"model replica failed a forward and needs replacing: {self._failure}")
+
+    def close(self) -> None:
+        self.runner.close()
+
+
 @serve.deployment(name=MODEL_NAME)
 class ModelDeployment:
     """Loads a model directory once per replica; runs the batches that ingresses send.
@@ -51,60 +109,25 @@ class ModelDeployment:
 
     def __init__(self, model_dir: str, max_batch_size: int, merge_batches: int, merge_wait_s: float,
                  top_k: int, compile: bool = False, cuda_graphs: bool = False):
-        from sgmft.inference import InferenceRunner, batch_buckets
-        from serve_app.metrics import ModelMetrics
-
-        self._runner = InferenceRunner(model_dir, buckets=batch_buckets(max_batch_size), compile=compile,
-                                       cuda_graphs=cuda_graphs)
-        self._max_batch_size, self._top_k = max_batch_size, top_k
-        self._failure: str | None = None
+        self._model = ServedModel(model_dir, max_batch_size, top_k, compile, cuda_graphs)
         # The decorator's arguments are fixed at import; the configured values apply per replica.
         self.run.set_max_batch_size(merge_batches)
         self.run.set_batch_wait_timeout_s(merge_wait_s)
-        self._metrics = ModelMetrics()
-        self._runner.warmup(min(max_batch_size, 2))
 
     def info(self) -> dict[str, Any]:
-        return self._runner.info()
+        return self._model.runner.info()
 
     @serve.batch(max_batch_size=1, batch_wait_timeout_s=0.0)  # set per replica in __init__
     async def run(self, batches: list[PostBatch]) -> list[list[dict[str, Any]]]:
-        """Each batch's posts -> their top-k labels and the size of the forward they ran in."""
-        input_ids = np.concatenate([b.input_ids for b in batches])
-        pixel_values = np.concatenate([b.pixel_values for b in batches])
-        results: list[dict[str, Any]] = []
-        for i in range(0, len(input_ids), self._max_batch_size):
-            # Inline, not in a thread: a forward thread holds the GIL for most of a CPU forward and
-            # starves the replica's request handling; blocked here, arrivals pile up for the next run.
-            forward_start = time.time()
-            probs = self._forward(input_ids[i:i + self._max_batch_size], pixel_values[i:i + self._max_batch_size])
-            size = len(probs)
-            self._metrics.observe_batch(size, [forward_start - b.sent for b in batches], time.time() - forward_start)
-            results += [{"top_k": top, "batch_size": size} for top in self._runner.top_k(probs, self._top_k)]
-        out, offset = [], 0
-        for b in batches:
-            out.append(results[offset:offset + len(b.input_ids)])
-            offset += len(b.input_ids)
-        return out
-
-    def _forward(self, input_ids: np.ndarray, pixel_values: np.ndarray) -> np.ndarray:
-        try:
-            return self._runner.probabilities(input_ids, pixel_values)
-        except RuntimeError as exc:
-            # Inputs are validated by the ingress, so a failing forward on a GPU is the device's
-            # fault (CUDA error, out of memory): report unhealthy so Serve replaces this replica.
-            if self._runner.device.type == "cuda":
-                self._failure = f"{type(exc).__name__}: {exc}"
-            raise
+        return self._model.run(batches)
 
     def check_health(self) -> None:
-        if self._failure is not None:
-            raise RuntimeError(f"model replica failed a forward and needs replacing: {self._failure}")
+        self._model.check_health()
 
     def __del__(self) -> None:
-        runner = getattr(self, "_runner", None)
-        if runner is not None:
-            runner.close()
+        model = getattr(self, "_model", None)
+        if model is not None:
+            model.close()
 
 
 @serve.deployment(name=INGRESS_NAME)
@@ -116,16 +139,19 @@ class SGMFTIngress:
     object store) was most of the serving time when every post crossed on its own.
     """
 
-    async def __init__(self, model: DeploymentHandle, serve_cfg: ServeConfig):
+    async def __init__(self, model: DeploymentHandle | None, serve_cfg: ServeConfig):
+        """``model``: the model deployment's handle, or None to load ``serve_cfg.model_dir``
+        here and run the forwards in this replica (``serve.model_placement: ingress``)."""
         from serve_app.batching import AdaptiveBatcher
         from serve_app.metrics import IngressMetrics
         from sgmft.inference import spec_from_info
 
         self._model = model
-        self._serve_cfg = serve_cfg
-        # The model replica owns the model directory; take its metadata and preprocessing spec
-        # from it, so what is preprocessed here is what that model was trained on.
-        self.info: dict[str, Any] = await model.info.remote()
+        self._serve_cfg = s = serve_cfg
+        self._local = None if model is not None else ServedModel(s.model_dir, s.max_batch_size, s.top_k, s.compile, s.cuda_graphs)
+        # Whoever holds the model directory gives the metadata and preprocessing spec, so what
+        # is preprocessed here is what that model was trained on.
+        self.info: dict[str, Any] = self._local.runner.info() if self._local else await model.info.remote()
         self._spec = spec_from_info(self.info)
         self._metrics = IngressMetrics()
         self._batcher = AdaptiveBatcher(self._send, serve_cfg.max_batch_size, batches_in_flight(serve_cfg))
@@ -135,12 +161,17 @@ class SGMFTIngress:
 
         return create_api(self, self._serve_cfg, self._spec, self._metrics)
 
+    def preparing(self) -> AbstractContextManager[None]:
+        return self._batcher.preparing()
+
     async def predict(self, input_ids: np.ndarray, pixel_values: np.ndarray) -> dict[str, Any]:
         """One post's model inputs -> ``{"top_k", "batch_size"}``, batched with concurrent posts."""
         return await self._batcher.submit((input_ids, pixel_values))
 
     async def _send(self, posts: list[tuple[np.ndarray, np.ndarray]]) -> list[dict[str, Any]]:
-        batch = PostBatch(np.stack([ids for ids, _ in posts]), np.stack([pixels for _, pixels in posts]), 0.0)
+        batch = PostBatch(np.stack([ids for ids, _ in posts]), np.stack([pixels for _, pixels in posts]), time.time())
+        if self._local is not None:
+            return self._local.run([batch])[0]
         return await self._call_model(batch)
 
     async def _call_model(self, batch: PostBatch) -> list[dict[str, Any]]:
@@ -166,6 +197,13 @@ class SGMFTIngress:
     def check_health(self) -> None:
         if not self.info.get("labels"):
             raise RuntimeError("the ingress has no model metadata")
+        if self._local is not None:
+            self._local.check_health()
+
+    def __del__(self) -> None:
+        local = getattr(self, "_local", None)
+        if local is not None:
+            local.close()
 
 
 def autoscaling_config(min_replicas: int, max_replicas: int, target_ongoing: float, upscale_delay_s: float,
@@ -205,7 +243,8 @@ def batches_in_flight(s: ServeConfig) -> int:
 
 
 def build_app(cfg: Config) -> serve.Application:
-    """The ingress bound to the model deployment, with the options of ``cfg.serve``.
+    """The ingress bound to the model deployment, with the options of ``cfg.serve``; with
+    ``serve.model_placement: ingress`` the ingress alone, each replica holding the model.
 
     The model deployment's requests are batches, so its posts-based settings are divided
     by ``max_batch_size``: ``target_ongoing_requests: 8`` with batches of 16 aims for half
@@ -214,22 +253,27 @@ def build_app(cfg: Config) -> serve.Application:
     s = cfg.serve
     if not s.model_dir:
         raise ConfigError("serve.model_dir: empty; give a model directory path or URI (s3://, gs://, file://)")
-    queued_batches = max(2, batches_per_replica(s)) * ingress_max_replicas(s)  # every ingress's, all merged
-    model = ModelDeployment.options(
-        max_ongoing_requests=queued_batches,
-        autoscaling_config=autoscaling_config(s.min_replicas, s.max_replicas, s.target_ongoing_requests / s.max_batch_size,
-                                              s.upscale_delay_s, s.downscale_delay_s, s.initial_replicas),
-        ray_actor_options={"num_cpus": s.num_cpus_per_replica, "num_gpus": s.num_gpus_per_replica},
-    ).bind(resolve_source(s.model_dir), s.max_batch_size, queued_batches, s.batch_wait_timeout_s, s.top_k, s.compile,
-           s.cuda_graphs)
-    ingress_cpus = s.num_cpus_per_replica if s.ingress_cpus_per_replica is None else s.ingress_cpus_per_replica
+    s = replace(s, model_dir=resolve_source(s.model_dir))
+    ingress_resources: dict[str, float] = {
+        "num_cpus": s.num_cpus_per_replica if s.ingress_cpus_per_replica is None else s.ingress_cpus_per_replica}
+    model: serve.Application | None = None
+    if s.model_placement == "ingress":
+        ingress_resources["num_gpus"] = s.num_gpus_per_replica
+    else:
+        queued_batches = max(2, batches_per_replica(s)) * ingress_max_replicas(s)  # every ingress's, all merged
+        model = ModelDeployment.options(
+            max_ongoing_requests=queued_batches,
+            autoscaling_config=autoscaling_config(s.min_replicas, s.max_replicas, s.target_ongoing_requests / s.max_batch_size,
+                                                  s.upscale_delay_s, s.downscale_delay_s, s.initial_replicas),
+            ray_actor_options={"num_cpus": s.num_cpus_per_replica, "num_gpus": s.num_gpus_per_replica},
+        ).bind(s.model_dir, s.max_batch_size, queued_batches, s.batch_wait_timeout_s, s.top_k, s.compile, s.cuda_graphs)
     replicas: dict[str, Any] = {"num_replicas": s.ingress_replicas}
     if ingress_max_replicas(s) > s.ingress_replicas:
         replicas = {"autoscaling_config": autoscaling_config(
             s.ingress_replicas, ingress_max_replicas(s), 2 * s.max_batch_size, s.upscale_delay_s, s.downscale_delay_s)}
     return SGMFTIngress.options(
         max_ongoing_requests=max(2 * s.max_ongoing_requests * s.max_replicas, 64),  # it mostly awaits the model
-        ray_actor_options={"num_cpus": ingress_cpus},
+        ray_actor_options=ingress_resources,
         **replicas,
     ).bind(model, s)
 

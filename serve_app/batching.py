@@ -1,18 +1,25 @@
-"""Adaptive batching of posts before they cross to a model replica (Ray-free).
+"""Adaptive batching of posts before they reach the model (Ray-free).
 
-A post is sent at once when the model is idle, so one client waits for no timer. While
-batches are in flight, posts accumulate and leave as full batches, or as one batch of
-whatever waited when a batch returns, so batches grow with load by themselves.
+A post is sent at once when the model is idle and no other post is being prepared, so one
+client waits for no timer. Posts still being decoded are waited for (about as long as a
+preparation takes), so the posts of concurrent requests leave together rather than one at
+a time. While batches are in flight, posts accumulate and leave as full batches, or as one
+batch of whatever waited when a batch returns, so batches grow with load by themselves.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
+import time
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Generic, TypeVar
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
+
+_PREPARE_EMA = 0.1
+"""Weight of the newest preparation time in the running mean the batcher waits for."""
 
 
 class AdaptiveBatcher(Generic[Item, Result]):
@@ -28,41 +35,76 @@ class AdaptiveBatcher(Generic[Item, Result]):
         self._send = send
         self.max_batch_size = max_batch_size
         self.max_in_flight = max_in_flight
-        self._queue: list[tuple[Item, asyncio.Future]] = []
+        self._queue: list[tuple[Item, asyncio.Future, float]] = []
         self._in_flight = 0
+        self._preparing = 0
+        self.prepare_s = 0.0
+        """Running mean of how long an item's preparation takes: the longest an idle batcher
+        waits for items being prepared before it sends what it has."""
+        self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task] = set()
 
     @property
     def in_flight(self) -> int:
         return self._in_flight
 
+    @contextmanager
+    def preparing(self) -> Iterator[None]:
+        """Around an item's preparation (decode, tokenise) when its ``submit`` follows at once:
+        while it is being prepared, an idle batcher waits for it instead of sending without it."""
+        self._preparing += 1
+        start = time.monotonic()
+        try:
+            yield
+        except BaseException:
+            self._preparing -= 1
+            self._pump()  # nothing of it will come: what waited for it may go
+            raise
+        self._preparing -= 1  # no pump: its submit, next, pumps with it in the queue
+        self.prepare_s += _PREPARE_EMA * (time.monotonic() - start - self.prepare_s)
+
     async def submit(self, item: Item) -> Result:
         future: asyncio.Future = asyncio.get_running_loop().create_future()
-        self._queue.append((item, future))
+        self._queue.append((item, future, time.monotonic()))
         self._pump()
         return await future
 
+    def _idle_may_send(self) -> bool:
+        if not self._preparing:
+            return True
+        waited = time.monotonic() - self._queue[0][2]
+        if waited >= self.prepare_s:
+            return True
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.prepare_s - waited, self._on_timer)
+        return False
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._pump()
+
     def _pump(self) -> None:
-        # Idle: send what is there. Busy: send only full batches, and only under the cap.
+        # Idle: send what is there once nothing more is on its way. Busy: send only full
+        # batches, and only under the cap.
         while self._queue and self._in_flight < self.max_in_flight and (
-                self._in_flight == 0 or len(self._queue) >= self.max_batch_size):
+                len(self._queue) >= self.max_batch_size or (self._in_flight == 0 and self._idle_may_send())):
             batch, self._queue = self._queue[:self.max_batch_size], self._queue[self.max_batch_size:]
             self._in_flight += 1
             task = asyncio.ensure_future(self._run(batch))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _run(self, batch: list[tuple[Item, asyncio.Future]]) -> None:
+    async def _run(self, batch: list[tuple[Item, asyncio.Future, float]]) -> None:
         try:
-            results = await self._send([item for item, _ in batch])
+            results = await self._send([item for item, _, _ in batch])
             if len(results) != len(batch):
                 raise RuntimeError(f"send returned {len(results)} results for {len(batch)} items")
         except BaseException as exc:  # noqa: BLE001 - every waiter must hear of it, then it is re-raised there
-            for _, future in batch:
+            for _, future, _ in batch:
                 if not future.done():
                     future.set_exception(exc)
         else:
-            for (_, future), result in zip(batch, results):
+            for (_, future, _), result in zip(batch, results):
                 if not future.done():  # the client may have gone away
                     future.set_result(result)
         finally:

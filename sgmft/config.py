@@ -188,6 +188,11 @@ class ServeConfig:
     downscale_delay_s: float = 30.0
     num_gpus_per_replica: float = 0.0
     num_cpus_per_replica: float = 0.5
+    model_placement: Literal["replica", "ingress"] = "replica"
+    """Where forwards run. ``replica``: a model deployment of its own, scaled apart from the
+    ingress (min/max_replicas, target_ongoing_requests, initial_replicas), which a GPU wants.
+    ``ingress``: every ingress replica loads the model and runs its own batches, with no
+    process hop per batch: for CPU-only nodes, scaled with ``ingress_replicas``."""
     ingress_replicas: int = 1
     """HTTP ingress replicas (parsing, decoding, tokenising): the CPU side of serving."""
     ingress_max_replicas: int | None = None

@@ -5,6 +5,7 @@ without a valid key (in-process, and deployed on the session cluster)."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import os
 import subprocess
@@ -55,6 +56,9 @@ KEYS = ("k1-" + "a" * 40, "k2-" + "b" * 40)
 
 class StandIn:
     info = {"version": "stand-in-v1", "labels": ["home", "office"]}
+
+    def preparing(self):
+        return contextlib.nullcontext()
 
     async def predict(self, input_ids, pixel_values):
         return {"top_k": [{"label": "office", "probability": 0.9}, {"label": "home", "probability": 0.1}], "batch_size": 1}

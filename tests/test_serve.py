@@ -398,6 +398,39 @@ def wait_for(predicate, timeout_s: float, what: str, poll_s: float = 0.5):
     raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
 
 
+def test_model_placed_in_the_ingress_answers_as_the_model_deployment_does(serve_port, model_dir, api):
+    """``serve.model_placement: ingress``: no model deployment; the same answers, errors and
+    batching as the app whose forwards run in a model replica."""
+    from ray import serve
+
+    from serve_app.app import INGRESS_NAME, build_app
+
+    cfg = serve_config(str(model_dir), max_batch_size=8, model_placement="ingress")
+    serve.run(build_app(cfg), name="colocated", route_prefix="/colocated")
+    try:
+        with client(serve_port, "/colocated") as http:
+            wait_healthy(http)
+            assert set(serve.status().applications["colocated"].deployments) == {INGRESS_NAME}
+            assert http.get("/v1/model").json()["version"] == api.get("/v1/model").json()["version"]
+            post = {"text": "医院排队", "image_base64": b64(image())}
+            here, there = http.post("/v1/predict", json=post).json(), api.post("/v1/predict", json=post).json()
+            assert [x["label"] for x in here["top_k"]] == [x["label"] for x in there["top_k"]]
+            assert [x["probability"] for x in here["top_k"]] == pytest.approx([x["probability"] for x in there["top_k"]], abs=1e-5)
+            assert_error(http.post("/v1/predict", json={"text": "x", "image_base64": b64(b"not an image")}), 422,
+                         "image_undecodable")
+
+            def one(_: int) -> int:
+                r = http.post("/v1/predict", json=post)
+                assert r.status_code == 200, r.text
+                return r.json()["batch_size"]
+
+            with ThreadPoolExecutor(16) as pool:
+                sizes = list(pool.map(one, range(48)))
+            assert 1 < max(sizes) <= 8, sizes
+    finally:
+        delete_app("colocated")
+
+
 def test_model_from_file_uri_autoscales_up_and_down(serve_port, model_dir):
     """Loaded through pyarrow from a file:// URI; 1 -> 2 replicas under a burst, back to 1 after."""
     from ray import serve

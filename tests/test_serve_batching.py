@@ -78,3 +78,56 @@ def test_a_failed_send_fails_its_own_posts_only():
 def test_bad_limits_are_refused():
     with pytest.raises(ValueError, match="max_batch_size"):
         AdaptiveBatcher(Model().send, max_batch_size=0, max_in_flight=1)
+
+
+def test_an_idle_batcher_waits_for_posts_being_prepared_then_sends_them_together():
+    async def main():
+        model = Model()
+        model.release.set()
+        batcher = AdaptiveBatcher(model.send, max_batch_size=8, max_in_flight=2)
+        batcher.prepare_s = 5.0  # long enough that only the preparations can release the batch
+        decoded = asyncio.Event()
+
+        async def post(i: int, fails: bool = False) -> int:
+            with batcher.preparing():
+                await decoded.wait()
+                if fails:
+                    raise ValueError("undecodable image")
+            return await batcher.submit(i)
+
+        first = await asyncio.wait_for(batcher.submit(0), timeout=1.0)  # nothing being prepared: sent at once
+        assert first == 0 and model.batches == [[0]]
+        futures = [asyncio.ensure_future(post(i)) for i in (1, 2)] + [asyncio.ensure_future(post(3, fails=True))]
+        await asyncio.sleep(0)
+        early = asyncio.ensure_future(batcher.submit(4))  # ready, but three posts are still being prepared
+        await asyncio.sleep(0.05)
+        assert model.batches == [[0]]
+        decoded.set()
+        done = await asyncio.wait_for(asyncio.gather(early, *futures, return_exceptions=True), timeout=1.0)
+        assert done[:3] == [40, 10, 20] and isinstance(done[3], ValueError)
+        assert model.batches == [[0], [4, 1, 2]]
+
+    asyncio.run(main())
+
+
+def test_the_wait_for_posts_being_prepared_is_bounded_by_the_usual_preparation_time():
+    async def main():
+        model = Model()
+        model.release.set()
+        batcher = AdaptiveBatcher(model.send, max_batch_size=8, max_in_flight=2)
+        batcher.prepare_s = 0.05
+        stuck = asyncio.Event()
+
+        async def slow_post() -> None:
+            with batcher.preparing():
+                await stuck.wait()  # a huge image, say: the others must not wait for it
+
+        slow = asyncio.ensure_future(slow_post())
+        await asyncio.sleep(0)
+        start = asyncio.get_running_loop().time()
+        assert await asyncio.wait_for(batcher.submit(7), timeout=1.0) == 70
+        assert 0.04 <= asyncio.get_running_loop().time() - start < 0.5
+        stuck.set()
+        await slow
+
+    asyncio.run(main())
