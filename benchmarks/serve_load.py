@@ -7,10 +7,12 @@
 Posts are photo-sized JPEGs (640x480, made from the workshop corpus images where
 ../shared/corpus exists, else drawn by the synthetic generator) with Weibo-like texts, sent
 as JSON with base64 images by clients in several processes (closed loop: each client sends
-its next post when the last one is answered), at concurrency 1 to 512. Side by side in the
+its next post when the last one is answered; aiohttp, and its CPU time reported), at concurrency 1 to 512. Side by side in the
 same run, on the same cores:
 
 - ``serve``: the app as ``sgmft serve`` builds it, over HTTP on 127.0.0.1;
+- ``serve_colocated`` (CPU): the same with ``serve.model_placement: ingress`` and one
+  ingress replica per core;
 - ``inprocess``: decode + tokenise + forward of the same posts in this process, one post
   per call on one thread (what one post costs without serving), and the same in batches.
 
@@ -57,6 +59,8 @@ class Point:
     p95_ms: float
     p99_ms: float
     mean_batch: float
+    client_cpu_ms_per_post: float = 0.0
+    """CPU time the load generator spent per answered post, on the same cores as the server."""
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -120,15 +124,20 @@ def texts(n: int = 64) -> tuple[list[str], str]:
 
 # --- clients, in processes -------------------------------------------------------------
 
-async def _closed_loop(url: str, payloads: list[dict], concurrency: int, duration_s: float, offset: int,
-                       headers: dict[str, str]) -> tuple[list[float], Counter, list[int], float]:
-    import httpx
+async def _closed_loop(url: str, bodies: list[bytes], concurrency: int, duration_s: float, offset: int,
+                       headers: dict[str, str]) -> tuple[list[float], Counter, list[int], float, float]:
+    import json
+
+    import aiohttp
 
     latencies: list[float] = []
     statuses: Counter = Counter()
     batches: list[int] = []
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(timeout=60.0, limits=limits, trust_env=False, headers=headers) as client:
+    cpu_start = time.process_time()
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    timeout = aiohttp.ClientTimeout(total=60.0)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout, trust_env=False,
+                                     headers={"Content-Type": "application/json", **headers}) as session:
         start = time.perf_counter()
         deadline = start + duration_s
 
@@ -137,38 +146,45 @@ async def _closed_loop(url: str, payloads: list[dict], concurrency: int, duratio
             while time.perf_counter() < deadline:
                 t0 = time.perf_counter()
                 try:
-                    r = await client.post(url, json=payloads[i % len(payloads)])
-                    statuses[str(r.status_code)] += 1
-                    if r.status_code == 200:
-                        latencies.append(time.perf_counter() - t0)
-                        batches.append(r.json()["batch_size"])
-                except httpx.HTTPError as exc:
+                    async with session.post(url, data=bodies[i % len(bodies)]) as r:
+                        body = await r.read()
+                        statuses[str(r.status)] += 1
+                        if r.status == 200:
+                            latencies.append(time.perf_counter() - t0)
+                            batches.append(json.loads(body)["batch_size"])
+                except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                     statuses[type(exc).__name__] += 1
                 i += concurrency
 
         await asyncio.gather(*(one_client(k) for k in range(concurrency)))
-        return latencies, statuses, batches, time.perf_counter() - start
+        return latencies, statuses, batches, time.perf_counter() - start, time.process_time() - cpu_start
 
 
-def client_process(url: str, payloads: list[dict], concurrency: int, duration_s: float, offset: int,
-                   headers: dict[str, str]) -> tuple[list[float], Counter, list[int], float]:
-    return asyncio.run(_closed_loop(url, payloads, concurrency, duration_s, offset, headers))
+def client_process(url: str, bodies: list[bytes], concurrency: int, duration_s: float, offset: int,
+                   headers: dict[str, str]) -> tuple[list[float], Counter, list[int], float, float]:
+    """Closed-loop clients on aiohttp, posting pre-encoded JSON bodies: the load generator
+    shares the cores with the server, so it spends as little of them as it can (httpx took
+    six times the CPU per request); its CPU time is measured and reported."""
+    return asyncio.run(_closed_loop(url, bodies, concurrency, duration_s, offset, headers))
 
 
-def http_point(pool: ProcessPoolExecutor, processes: int, url: str, payloads: list[dict], concurrency: int,
+def http_point(pool: ProcessPoolExecutor, processes: int, url: str, bodies: list[bytes], concurrency: int,
                duration_s: float, mode: str = "serve", headers: dict[str, str] | None = None) -> Point:
     """``concurrency`` clients spread over up to ``processes`` client processes."""
     shares = [concurrency // processes + (1 if k < concurrency % processes else 0) for k in range(processes)]
-    futures = [pool.submit(client_process, url, payloads, share, duration_s, 1000 * k, headers or {})
+    futures = [pool.submit(client_process, url, bodies, share, duration_s, 1000 * k, headers or {})
                for k, share in enumerate(shares) if share]
-    latencies, statuses, batches, seconds = [], Counter(), [], 0.0
+    latencies, statuses, batches, seconds, client_cpu = [], Counter(), [], 0.0, 0.0
     for future in futures:
-        lat, st, ba, elapsed = future.result()
+        lat, st, ba, elapsed, cpu = future.result()
         latencies += lat
         statuses.update(st)
         batches += ba
         seconds = max(seconds, elapsed)
-    return make_point(mode, concurrency, seconds, latencies, statuses, batches)
+        client_cpu += cpu
+    point = make_point(mode, concurrency, seconds, latencies, statuses, batches)
+    point.client_cpu_ms_per_post = 1000 * client_cpu / max(1, len(latencies))
+    return point
 
 
 # --- the in-process baseline -------------------------------------------------------------
@@ -256,7 +272,8 @@ def wait_healthy(base: str, timeout_s: float = 300.0) -> None:
     raise TimeoutError(f"{base} did not become healthy in {timeout_s:.0f}s")
 
 
-def autoscaling_check(pool, processes, url_base: str, payloads, app: str, load_s: float, idle_s: float) -> dict[str, Any]:
+def autoscaling_check(pool, processes, url_base: str, bodies: list[bytes], app: str, load_s: float,
+                      idle_s: float) -> dict[str, Any]:
     """Replicas of the model deployment under load and after it: 1 -> 2 -> 1 expected."""
     from ray import serve
 
@@ -267,19 +284,38 @@ def autoscaling_check(pool, processes, url_base: str, payloads, app: str, load_s
         return sum(n for state, n in status.replica_states.items() if str(getattr(state, "value", state)) == "RUNNING")
 
     before = running()
-    future = pool.submit(client_process, f"{url_base}/v1/predict", payloads, 64, load_s, 0, {})
+    future = pool.submit(client_process, f"{url_base}/v1/predict", bodies, 64, load_s, 0, {})
     peak, deadline = before, time.monotonic() + load_s
     while time.monotonic() < deadline:
         peak = max(peak, running())
         time.sleep(1.0)
-    _, statuses, _, _ = future.result()
+    _, statuses, _, _, _ = future.result()
     time.sleep(idle_s)
     return {"replicas_before": before, "replicas_peak": peak, "replicas_after_idle": running(), "statuses": dict(statuses)}
 
 
 # --- the run -------------------------------------------------------------------------------
 
+def app_variants(gpu: bool, cpus: int) -> dict[str, list[str]]:
+    """The Serve apps measured, by point mode: their overrides of the default config.
+
+    ``serve``: the app as ``sgmft serve`` builds it (one ingress, one model replica). On a
+    CPU, also ``serve_colocated``: ``serve.model_placement: ingress`` with one ingress
+    replica per core, the setting the README recommends for CPU-only nodes.
+    """
+    pinned = ["serve.min_replicas=1", "serve.max_replicas=1"]
+    if gpu:
+        return {"serve": ["serve.num_gpus_per_replica=1", "serve.num_cpus_per_replica=2", "serve.max_batch_size=128",
+                          "serve.max_ongoing_requests=512", f"serve.ingress_replicas={max(1, cpus // 2 - 2)}",
+                          "serve.ingress_cpus_per_replica=1", *pinned]}
+    common = ["serve.num_cpus_per_replica=0.5", "serve.max_batch_size=32", "serve.max_ongoing_requests=64", *pinned]
+    return {"serve": [*common, "serve.ingress_replicas=1"],
+            "serve_colocated": [*common, "serve.model_placement=ingress", f"serve.ingress_replicas={cpus}"]}
+
+
 def run(quick: bool = False, haproxy: bool = False, gpu: bool = False) -> dict[str, Any]:
+    import json
+
     import httpx
     import torch
 
@@ -299,20 +335,16 @@ def run(quick: bool = False, haproxy: bool = False, gpu: bool = False) -> dict[s
     concurrency = (1, 32, 128, 512) if gpu else ((1, 32) if quick else (1, 8, 32, 128))
     duration = (6.0 if gpu else 5.0) if quick else 12.0
     processes = 8 if gpu else 2
-    overrides = (["serve.num_gpus_per_replica=1", "serve.num_cpus_per_replica=2", "serve.max_batch_size=128",
-                  "serve.max_ongoing_requests=512", f"serve.ingress_replicas={max(1, cpus // 2 - 2)}",
-                  "serve.ingress_cpus_per_replica=1"] if gpu else
-                 ["serve.num_cpus_per_replica=0.5", "serve.max_batch_size=32", "serve.max_ongoing_requests=64",
-                  "serve.ingress_replicas=1"])
-    overrides += ["serve.min_replicas=1", "serve.max_replicas=1"]
+    apps = app_variants(gpu, cpus)
     image_bytes, image_source = photos()
     post_texts, text_source = texts()
     posts = [{"text": post_texts[i % len(post_texts)], "image": image_bytes[i % len(image_bytes)]} for i in range(64)]
-    payloads = [{"text": p["text"], "image_base64": base64.b64encode(p["image"]).decode()} for p in posts]
+    bodies = [json.dumps({"text": p["text"], "image_base64": base64.b64encode(p["image"]).decode()}).encode() for p in posts]
     result_name = "gpu_serve" if gpu else ("serve_load_haproxy" if haproxy else "serve_load")
     setup = {"preset": preset, "posts": f"{PHOTO_SIZE[0]}x{PHOTO_SIZE[1]} JPEG ({image_source}), {text_source}",
-             "client_processes": processes, "seconds_per_point": duration, "overrides": overrides,
-             "proxy": "haproxy" if haproxy else "default", "cpus": cpus}
+             "client_processes": processes, "client": "aiohttp, pre-encoded JSON bodies", "seconds_per_point": duration,
+             "apps": apps, "proxy": "haproxy" if haproxy else "default",
+             "throughput_optimized": os.environ.get("RAY_SERVE_THROUGHPUT_OPTIMIZED") == "1", "cpus": cpus}
     extra: dict[str, Any] = {"gpu": torch.cuda.get_device_name(0)} if gpu else {}
     points: list[Point] = []
 
@@ -342,24 +374,25 @@ def run(quick: bool = False, haproxy: bool = False, gpu: bool = False) -> dict[s
             port = free_port()
             serve.start(http_options={"host": "127.0.0.1", "port": port})
             try:
-                base = f"http://127.0.0.1:{port}{deploy(model_dir, 'bench', overrides)}"
-                wait_healthy(base)
-                extra["model_replica"] = {k: v for k, v in httpx.get(f"{base}/v1/model", timeout=10.0, trust_env=False).json().items()
-                                          if k in ("device", "compiled_batch_sizes", "cuda_graph_batch_sizes")}
-                print(f"model replica: {extra['model_replica']}", flush=True)
-                http_point(pool, processes, f"{base}/v1/predict", payloads, 8, min(3.0, duration))  # warm-up
-                for c in concurrency:
-                    points.append(http_point(pool, processes, f"{base}/v1/predict", payloads, c, duration))
-                    print(f"serve c={c}: {points[-1].posts_per_s:.1f} posts/s p50 {points[-1].p50_ms:.1f} ms", flush=True)
-                    record()
-                if gpu:
+                for mode, overrides in apps.items():
+                    base = f"http://127.0.0.1:{port}{deploy(model_dir, 'bench', overrides)}"
+                    wait_healthy(base)
+                    extra.setdefault("model_replica", {})[mode] = {
+                        k: v for k, v in httpx.get(f"{base}/v1/model", timeout=10.0, trust_env=False).json().items()
+                        if k in ("device", "compiled_batch_sizes", "cuda_graph_batch_sizes")}
+                    http_point(pool, processes, f"{base}/v1/predict", bodies, 8, min(3.0, duration))  # warm-up
+                    for c in concurrency:
+                        points.append(http_point(pool, processes, f"{base}/v1/predict", bodies, c, duration, mode))
+                        print(f"{mode} c={c}: {points[-1].posts_per_s:.1f} posts/s p50 {points[-1].p50_ms:.1f} ms", flush=True)
+                        record()
                     serve.delete("bench")
+                if gpu:
                     scaled = f"http://127.0.0.1:{port}" + deploy(model_dir, "scale", [
-                        o for o in overrides if "replicas" not in o and "num_gpus" not in o] + [
+                        o for o in apps["serve"] if "replicas" not in o and "num_gpus" not in o] + [
                         "serve.num_gpus_per_replica=0.5", "serve.min_replicas=1", "serve.max_replicas=2",
                         "serve.upscale_delay_s=2", "serve.downscale_delay_s=5", "serve.target_ongoing_requests=32"])
                     wait_healthy(scaled)
-                    extra["autoscaling_half_gpu_replicas"] = autoscaling_check(pool, processes, scaled, payloads, "scale", 20.0, 15.0)
+                    extra["autoscaling_half_gpu_replicas"] = autoscaling_check(pool, processes, scaled, bodies, "scale", 20.0, 15.0)
             finally:
                 serve.shutdown()
     result = record()
@@ -368,8 +401,7 @@ def run(quick: bool = False, haproxy: bool = False, gpu: bool = False) -> dict[s
 
 
 def summarise(setup: dict[str, Any], points: list[Point], extra: dict[str, Any]) -> dict[str, Any]:
-    """The result file: every point, and the ratios the goals are stated in."""
-    serve_points = {p.concurrency: p for p in points if p.mode == "serve"}
+    """The result file: every point, and the ratios the goals are stated in, per app."""
     one_post, batched = points[0], points[1]
     result: dict[str, Any] = {
         "setup": setup,
@@ -380,12 +412,15 @@ def summarise(setup: dict[str, Any], points: list[Point], extra: dict[str, Any])
         "errors": sum(p.errors for p in points),
         **extra,
     }
-    if 1 in serve_points:
-        result["overhead_p50_ms_c1"] = serve_points[1].p50_ms - one_post.p50_ms
-    if 32 in serve_points:
-        result["serve_c32_vs_inprocess_one_thread"] = serve_points[32].posts_per_s / one_post.posts_per_s
-    if 512 in serve_points:
-        result["serve_c512_posts_per_s"] = serve_points[512].posts_per_s
+    for mode in dict.fromkeys(p.mode for p in points[2:]):
+        by_c = {p.concurrency: p for p in points if p.mode == mode}
+        suffix = "" if mode == "serve" else mode.removeprefix("serve")
+        if 1 in by_c:
+            result[f"overhead_p50_ms_c1{suffix}"] = by_c[1].p50_ms - one_post.p50_ms
+        if 32 in by_c:
+            result[f"serve_c32_vs_inprocess_one_thread{suffix}"] = by_c[32].posts_per_s / one_post.posts_per_s
+        if 512 in by_c:
+            result[f"serve_c512_posts_per_s{suffix}"] = by_c[512].posts_per_s
     return result
 
 
@@ -394,9 +429,9 @@ def print_table(points: list[Point], result: dict[str, Any]) -> None:
     for p in points:
         print(f"{p.mode:<20}{p.concurrency:>5}{p.posts_per_s:>10.1f}{p.p50_ms:>9.1f}{p.p95_ms:>9.1f}{p.p99_ms:>9.1f}"
               f"{p.mean_batch:>7.1f}{p.errors:>7}")
-    for key in ("overhead_p50_ms_c1", "serve_c32_vs_inprocess_one_thread"):
-        if key in result:
-            print(f"{key}: {result[key]:.2f}")
+    for key, value in result.items():
+        if key.startswith(("overhead_p50_ms_c1", "serve_c32_vs_inprocess_one_thread")):
+            print(f"{key}: {value:.2f}")
 
 
 HIGH_THROUGHPUT_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
@@ -415,12 +450,12 @@ def compare_proxies(quick: bool) -> dict[str, Any]:
         argv = [sys.executable, "-m", "benchmarks.serve_load", *(["--quick"] if quick else []), *(["--haproxy"] if env else [])]
         subprocess.run(argv, env={**os.environ, **env}, check=True, cwd=Path(__file__).resolve().parents[1])
         saved = json.loads((RESULTS / f"{name}.json").read_text())
-        result[mode] = {"env": env, "result_file": f"{name}.json", **{k: saved[k] for k in (
-            "inprocess_one_post_posts_per_s", "inprocess_one_post_p50_ms", "overhead_p50_ms_c1", "serve_c32_vs_inprocess_one_thread")
-            if k in saved}}
+        result[mode] = {"env": env, "result_file": f"{name}.json", **{k: v for k, v in saved.items() if k.startswith((
+            "inprocess_one_post_", "overhead_p50_ms_c1", "serve_c32_vs_inprocess_one_thread"))}}
     for mode, r in result.items():
-        print(f"{mode}: +{r.get('overhead_p50_ms_c1', float('nan')):.1f} ms p50 at 1 client, "
-              f"{r.get('serve_c32_vs_inprocess_one_thread', float('nan')):.2f}x the one-thread in-process posts/s at 32")
+        for app in ("", "_colocated"):
+            print(f"{mode}{app}: +{r.get(f'overhead_p50_ms_c1{app}', float('nan')):.1f} ms p50 at 1 client, "
+                  f"{r.get(f'serve_c32_vs_inprocess_one_thread{app}', float('nan')):.2f}x the one-thread in-process posts/s at 32")
     save("serve_load_proxies", result)
     return result
 
