@@ -2,6 +2,9 @@
 
     SGMFTIngress (HTTP, preprocessing, adaptive batching)  --batches-->  SGMFTModel (forwards, autoscaling)
 
+With ``serve.model_placement: ingress`` (CPU-only nodes) there is no SGMFTModel: each
+ingress replica holds a :class:`ServedModel` and runs its own batches.
+
 ``build_app(cfg)`` builds it from a :class:`~sgmft.config.Config`; ``app_builder(args)`` is
 the entry point of ``serve_config.yaml`` (``import_path: serve_app.app:app_builder``).
 """
