@@ -350,16 +350,19 @@ def test_openapi_documents_the_api(api):
 
 # --- batching, metrics ------------------------------------------------------------------
 
-def test_concurrent_requests_form_batches(api):
-    payload = {"text": "商场购物", "image_base64": b64(image())}
-
+def batch_sizes_under_load(http: httpx.Client, payload: dict, posts: int = 48, clients: int = 16) -> list[int]:
+    """The ``batch_size`` each of ``posts`` concurrent predictions ran in (all must answer 200)."""
     def one(_: int) -> int:
-        r = api.post("/v1/predict", json=payload)
+        r = http.post("/v1/predict", json=payload)
         assert r.status_code == 200, r.text
         return r.json()["batch_size"]
 
-    with ThreadPoolExecutor(16) as pool:
-        sizes = list(pool.map(one, range(48)))
+    with ThreadPoolExecutor(clients) as pool:
+        return list(pool.map(one, range(posts)))
+
+
+def test_concurrent_requests_form_batches(api):
+    sizes = batch_sizes_under_load(api, {"text": "商场购物", "image_base64": b64(image())})
     assert max(sizes) > 1, sizes
     assert max(sizes) <= 8, sizes  # serve.max_batch_size
 
@@ -418,14 +421,7 @@ def test_model_placed_in_the_ingress_answers_as_the_model_deployment_does(serve_
             assert [x["probability"] for x in here["top_k"]] == pytest.approx([x["probability"] for x in there["top_k"]], abs=1e-5)
             assert_error(http.post("/v1/predict", json={"text": "x", "image_base64": b64(b"not an image")}), 422,
                          "image_undecodable")
-
-            def one(_: int) -> int:
-                r = http.post("/v1/predict", json=post)
-                assert r.status_code == 200, r.text
-                return r.json()["batch_size"]
-
-            with ThreadPoolExecutor(16) as pool:
-                sizes = list(pool.map(one, range(48)))
+            sizes = batch_sizes_under_load(http, post)
             assert 1 < max(sizes) <= 8, sizes
     finally:
         delete_app("colocated")
