@@ -340,7 +340,7 @@ def run(quick: bool = False, haproxy: bool = False, gpu: bool = False) -> dict[s
     post_texts, text_source = texts()
     posts = [{"text": post_texts[i % len(post_texts)], "image": image_bytes[i % len(image_bytes)]} for i in range(64)]
     bodies = [json.dumps({"text": p["text"], "image_base64": base64.b64encode(p["image"]).decode()}).encode() for p in posts]
-    result_name = "gpu_serve" if gpu else ("serve_load_haproxy" if haproxy else "serve_load")
+    result_name = ("gpu_serve" if gpu else "serve_load") + ("_haproxy" if haproxy else "")
     setup = {"preset": preset, "posts": f"{PHOTO_SIZE[0]}x{PHOTO_SIZE[1]} JPEG ({image_source}), {text_source}",
              "client_processes": processes, "client": "aiohttp, pre-encoded JSON bodies", "seconds_per_point": duration,
              "apps": apps, "proxy": "haproxy" if haproxy else "default",
