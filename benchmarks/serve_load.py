@@ -6,9 +6,9 @@
 
 Posts are photo-sized JPEGs (640x480, made from the workshop corpus images where
 ../shared/corpus exists, else drawn by the synthetic generator) with Weibo-like texts, sent
-as JSON with base64 images by clients in several processes (closed loop: each client sends
-its next post when the last one is answered; aiohttp, and its CPU time reported), at concurrency 1 to 512. Side by side in the
-same run, on the same cores:
+as JSON with base64 images by aiohttp clients in several processes (closed loop: each client
+sends its next post when the last one is answered; their CPU time is reported), at
+concurrency 1 to 512. Side by side in the same run, on the same cores:
 
 - ``serve``: the app as ``sgmft serve`` builds it, over HTTP on 127.0.0.1;
 - ``serve_colocated`` (CPU): the same with ``serve.model_placement: ingress`` and one

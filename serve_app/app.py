@@ -151,7 +151,8 @@ class SGMFTIngress:
 
         self._model = model
         self._serve_cfg = s = serve_cfg
-        self._local = None if model is not None else ServedModel(s.model_dir, s.max_batch_size, s.top_k, s.compile, s.cuda_graphs)
+        self._local = None if model is not None else ServedModel(
+            s.model_dir, s.max_batch_size, s.top_k, s.compile, s.cuda_graphs)
         # Whoever holds the model directory gives the metadata and preprocessing spec, so what
         # is preprocessed here is what that model was trained on.
         self.info: dict[str, Any] = self._local.runner.info() if self._local else await model.info.remote()
