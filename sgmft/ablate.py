@@ -80,32 +80,17 @@ class AblationOutcome:
 
 def predict_split(model_dir: str | Path, dataset_dir: str | Path, split: str = "test", batch_size: int = 64) -> Predictions:
     """Probabilities of every post of ``split`` from a model directory, in this process."""
-    import pyarrow.parquet as pq
+    from sgmft.data.schema import load_labels
+    from sgmft.evaluate import CASE_COLUMN, split_predictions
 
-    from sgmft.data.schema import load_labels, split_files
-    from sgmft.evaluate import CASE_COLUMN
-    from sgmft.inference import InferenceRunner
-
-    runner = InferenceRunner(model_dir)
-    if list(runner.labels) != load_labels(dataset_dir):
-        raise ValueError(f"{dataset_dir} has a different label set from the model in {model_dir}")
-    index = {label: i for i, label in enumerate(runner.labels)}
+    index = {label: i for i, label in enumerate(load_labels(dataset_dir))}  # the model's order: checked equal
     ids, labels, probs, ok, cases = [], [], [], [], []
-    try:
-        for path in split_files(dataset_dir, split):
-            file = pq.ParquetFile(path)
-            has_case = CASE_COLUMN in file.schema_arrow.names
-            columns = ["post_id", "text", "image", "label"] + ([CASE_COLUMN] if has_case else [])
-            for record_batch in file.iter_batches(batch_size=batch_size, columns=columns):
-                batch = {name: np.asarray(record_batch.column(name).to_pylist(), dtype=object) for name in record_batch.schema.names}
-                out = runner.predict_batch(batch)
-                ids += batch["post_id"].tolist()
-                labels += [index[label] for label in batch["label"]]
-                probs.append(out["probabilities"])
-                ok += (out["error"] == "").tolist()
-                cases += batch[CASE_COLUMN].tolist() if has_case else [None] * len(out["error"])
-    finally:
-        runner.close()
+    for batch, out in split_predictions(model_dir, dataset_dir, split, batch_size):
+        ids += batch["post_id"].tolist()
+        labels += [index[label] for label in batch["label"]]
+        probs.append(out["probabilities"])
+        ok += (out["error"] == "").tolist()
+        cases += batch[CASE_COLUMN].tolist() if CASE_COLUMN in batch else [None] * len(out["error"])
     order = np.argsort(np.asarray(ids, dtype=str), kind="stable")
     return Predictions(np.asarray(ids, dtype=object)[order], np.asarray(labels, dtype=np.int64)[order],
                        np.concatenate(probs)[order], np.asarray(ok, dtype=bool)[order], np.asarray(cases, dtype=object)[order])

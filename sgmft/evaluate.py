@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -102,27 +103,39 @@ def _check_labels(model_dir: Path, dataset_dir: str | Path) -> list[str]:
     return labels
 
 
-def evaluate_local(model_dir: str | Path, dataset_dir: str | Path, split: str = "test", batch_size: int = 64) -> dict[str, Any]:
-    """The same report computed in this process (small splits, no files written)."""
+def split_predictions(model_dir: str | Path, dataset_dir: str | Path, split: str = "test",
+                      batch_size: int = 64) -> Iterator[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
+    """Each batch of ``split`` (with its ``meta_case`` column where the dataset has one) and the
+    model's output for it, computed in this process; the two label sets must agree."""
     import pyarrow.parquet as pq
 
-    from sgmft.data.schema import split_files
+    from sgmft.data.schema import load_labels, split_files
     from sgmft.inference import InferenceRunner
 
-    model_dir = Path(model_dir)
-    labels = _check_labels(model_dir, dataset_dir)
     runner = InferenceRunner(model_dir)
+    try:
+        if list(runner.labels) != load_labels(dataset_dir):
+            raise ValueError(f"{dataset_dir} has a different label set from the model in {model_dir}")
+        for path in split_files(dataset_dir, split):
+            file = pq.ParquetFile(path)
+            columns = ["post_id", "text", "image", "label"] + ([CASE_COLUMN] if CASE_COLUMN in file.schema_arrow.names else [])
+            for record_batch in file.iter_batches(batch_size=batch_size, columns=columns):
+                batch = {name: np.asarray(record_batch.column(name).to_pylist(), dtype=object) for name in record_batch.schema.names}
+                yield batch, runner.predict_batch(batch)
+    finally:
+        runner.close()
+
+
+def evaluate_local(model_dir: str | Path, dataset_dir: str | Path, split: str = "test", batch_size: int = 64) -> dict[str, Any]:
+    """The same report computed in this process (small splits, no files written)."""
+    from sgmft.data.schema import load_labels
+
     rows: list[dict[str, Any]] = []
-    for path in split_files(dataset_dir, split):
-        file = pq.ParquetFile(path)
-        columns = ["post_id", "text", "image", "label"] + ([CASE_COLUMN] if CASE_COLUMN in file.schema_arrow.names else [])
-        for record_batch in file.iter_batches(batch_size=batch_size, columns=columns):
-            batch = {name: np.asarray(record_batch.column(name).to_pylist(), dtype=object) for name in record_batch.schema.names}
-            out = runner.predict_batch(batch)
-            cases = batch.get(CASE_COLUMN, [None] * len(out["error"]))
-            rows += [{"label": l, "predicted_label": p, "error": e, "case": c}
-                     for l, p, e, c in zip(out["label"], out["predicted_label"], out["error"], cases)]
-    return _report(labels, rows, split)
+    for batch, out in split_predictions(model_dir, dataset_dir, split, batch_size):
+        cases = batch.get(CASE_COLUMN, [None] * len(out["error"]))
+        rows += [{"label": l, "predicted_label": p, "error": e, "case": c}
+                 for l, p, e, c in zip(out["label"], out["predicted_label"], out["error"], cases)]
+    return _report(load_labels(dataset_dir), rows, split)  # the model's labels: split_predictions checked
 
 
 def evaluate(model_dir: str | Path, dataset_dir: str | Path, split: str = "test", out_dir: str | Path | None = None,
