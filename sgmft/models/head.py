@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sgmft.config import ModelConfig
+from sgmft.models.layers import Attention, Dropout
 from sgmft.models.outputs import BackboneOutput
 
 
@@ -30,25 +31,13 @@ def pool(x: torch.Tensor, mask: torch.Tensor | None, how: str) -> torch.Tensor:
     return x[:, 0, :] if how == "cls" else masked_mean(x, mask)
 
 
-class Attention(nn.Module):
-    """Multi-head attention of ``query`` over ``context``, honouring the context's padding."""
-
-    def __init__(self, d_model: int, num_heads: int, dropout: float):
-        super().__init__()
-        self.attn = nn.MultiheadAttention(d_model, num_heads, dropout=dropout, batch_first=True)
-
-    def forward(self, query: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None) -> torch.Tensor:
-        padding = None if context_mask is None else ~context_mask
-        return self.attn(query, context, context, key_padding_mask=padding, need_weights=False)[0]
-
-
 class FeedForwardBlock(nn.Module):
     """LN(x + W2 act(W1 x)): the standard transformer FFN with residual and LayerNorm."""
 
     def __init__(self, d_model: int, mult: int, dropout: float):
         super().__init__()
-        self.ffn = nn.Sequential(nn.Linear(d_model, d_model * mult), nn.ReLU(), nn.Dropout(dropout), nn.Linear(d_model * mult, d_model))
-        self.drop = nn.Dropout(dropout)
+        self.ffn = nn.Sequential(nn.Linear(d_model, d_model * mult), nn.ReLU(), Dropout(dropout), nn.Linear(d_model * mult, d_model))
+        self.drop = Dropout(dropout)
         self.norm = nn.LayerNorm(d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -85,7 +74,7 @@ class InterpolationAttention(nn.Module):
         super().__init__()
         self.self_attn = Attention(d_model, num_heads, dropout)
         self.cross_attn = Attention(d_model, num_heads, dropout)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         self.norm = nn.LayerNorm(d_model)
         self.guided = guided
 
@@ -109,7 +98,7 @@ class SimilarityAwareFFN(nn.Module):
         self.w1 = nn.Linear(d_model, hidden)
         self.w3 = nn.Linear(d_model, hidden, bias=False) if guided else None
         self.w2 = nn.Linear(hidden, d_model)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         self.norm = nn.LayerNorm(d_model)
 
     def forward(self, text, image, image_mask) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -152,7 +141,7 @@ class CrossAttentionBlock(nn.Module):
     def __init__(self, d_model: int, num_heads: int, mult: int, dropout: float):
         super().__init__()
         self.cross_attn = Attention(d_model, num_heads, dropout)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         self.norm = nn.LayerNorm(d_model)
         self.ffn = FeedForwardBlock(d_model, mult, dropout)
 
@@ -184,7 +173,7 @@ class ConcatFusion(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(2 * cfg.d_model, cfg.d_model), nn.GELU(), nn.Dropout(cfg.dropout))
+        self.mlp = nn.Sequential(nn.Linear(2 * cfg.d_model, cfg.d_model), nn.GELU(), Dropout(cfg.dropout))
         self.pooling = cfg.pooling
 
     def forward(self, text, text_mask, image, image_mask):
@@ -215,7 +204,7 @@ class Classifier(nn.Module):
     def __init__(self, d_model: int, num_labels: int, dropout: float):
         super().__init__()
         self.net = nn.Sequential(
-            nn.LayerNorm(d_model), nn.Linear(d_model, d_model), nn.GELU(), nn.Dropout(dropout), nn.Linear(d_model, num_labels)
+            nn.LayerNorm(d_model), nn.Linear(d_model, d_model), nn.GELU(), Dropout(dropout), nn.Linear(d_model, num_labels)
         )
 
     def forward(self, x):
