@@ -61,7 +61,15 @@ def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, cfg), betas=(0.9, 0.98), eps=1e-6)
+    """AdamW over :func:`param_groups`, fused where torch has the kernel (CPU and CUDA).
+
+    Fused, one step updates all of a group's tensors in one kernel: on one CPU thread the
+    ``small`` model's step (17.8M parameters) takes 30 ms fused against 145 ms one tensor
+    at a time, which was a tenth of a DDP worker's training step.
+    """
+    groups = param_groups(model, cfg)
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, betas=(0.9, 0.98), eps=1e-6, fused=fused or None)
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float) -> torch.optim.lr_scheduler.LambdaLR:

@@ -6,7 +6,7 @@ import torch
 
 from sgmft.config import Config, TrainConfig
 from sgmft.models.sgmft import build_model
-from sgmft.optim import build_optimization, param_groups
+from sgmft.optim import build_optimization, build_optimizer, param_groups
 
 
 def _trained_state(cfg: Config) -> dict:
@@ -37,7 +37,7 @@ def test_restored_optimizer_state_sits_with_its_parameters_on_another_device():
         for param in group["params"]:
             assert param.device == target
             for key, value in optimizer.state[param].items():
-                # PyTorch keeps the scalar step count on the CPU by design (not fused, not capturable)
+                # the step count stays on the CPU unless fused or capturable (the meta device has no fused kernel)
                 if torch.is_tensor(value) and key != "step":
                     assert value.device == param.device, (key, value.device)
                     checked += 1
@@ -68,3 +68,23 @@ def test_a_random_init_backbone_trains_at_the_head_lr_unless_rates_are_set():
     assert backbone_rates(cfg.model, TrainConfig(lr=2e-3)) == (1e-4, 0.8)
     cfg.model.backbone.checkpoint, cfg.model.backbone.download_root = None, "/weights"
     assert backbone_rates(cfg.model, TrainConfig(lr=2e-3)) == (1e-4, 0.8)
+
+
+def test_the_optimizer_is_fused_on_cpu_and_steps_like_the_unfused_one():
+    torch.manual_seed(0)
+    model = build_model(Config().model, load_pretrained=False)
+    twin = build_model(Config().model, load_pretrained=False)
+    twin.load_state_dict(model.state_dict())
+    fused = build_optimizer(model, TrainConfig())
+    plain = torch.optim.AdamW(param_groups(twin, TrainConfig()), betas=(0.9, 0.98), eps=1e-6, foreach=False)
+    assert fused.defaults["fused"]
+    for net in (model, twin):
+        for param in net.parameters():
+            if param.requires_grad:
+                torch.manual_seed(param.numel())
+                param.grad = torch.randn_like(param)
+    for _ in range(3):
+        fused.step()
+        plain.step()
+    for (name, a), b in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
