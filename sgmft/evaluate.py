@@ -94,13 +94,13 @@ def _cases(dataset_dir: str | Path, split: str) -> dict[str, str] | None:
     return cases
 
 
-def _check_labels(model_dir: Path, dataset_dir: str | Path) -> list[str]:
+def _check_labels(model_labels: list[str], model_dir: str | Path, dataset_dir: str | Path) -> list[str]:
+    """The model's labels, once checked to be the dataset's, in the same order."""
     from sgmft.data.schema import load_labels
 
-    labels = json.loads((model_dir / "labels.json").read_text())
-    if load_labels(dataset_dir) != labels:
+    if load_labels(dataset_dir) != list(model_labels):
         raise ValueError(f"{dataset_dir} has a different label set from the model in {model_dir}")
-    return labels
+    return list(model_labels)
 
 
 def split_predictions(model_dir: str | Path, dataset_dir: str | Path, split: str = "test",
@@ -109,13 +109,12 @@ def split_predictions(model_dir: str | Path, dataset_dir: str | Path, split: str
     model's output for it, computed in this process; the two label sets must agree."""
     import pyarrow.parquet as pq
 
-    from sgmft.data.schema import load_labels, split_files
+    from sgmft.data.schema import split_files
     from sgmft.inference import InferenceRunner
 
     runner = InferenceRunner(model_dir)
     try:
-        if list(runner.labels) != load_labels(dataset_dir):
-            raise ValueError(f"{dataset_dir} has a different label set from the model in {model_dir}")
+        _check_labels(runner.labels, model_dir, dataset_dir)
         for path in split_files(dataset_dir, split):
             file = pq.ParquetFile(path)
             columns = ["post_id", "text", "image", "label"] + ([CASE_COLUMN] if CASE_COLUMN in file.schema_arrow.names else [])
@@ -150,7 +149,7 @@ def evaluate(model_dir: str | Path, dataset_dir: str | Path, split: str = "test"
     from sgmft.inference import predictions
 
     model_dir = Path(model_dir)
-    labels = _check_labels(model_dir, dataset_dir)
+    labels = _check_labels(json.loads((model_dir / "labels.json").read_text()), model_dir, dataset_dir)
     ds, _ = predictions(model_dir, dataset_dir, split, **predict_kwargs)
     rows = ds.select_columns(["post_id", "label", "predicted_label", "error"]).take_all()
     cases = _cases(dataset_dir, split)  # predictions carry post ids, not meta columns

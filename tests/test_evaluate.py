@@ -127,3 +127,20 @@ def test_evaluate_on_ray_data_reports_the_same_per_case(ray_cluster, model_and_d
     assert report["per_case"] == local["per_case"]
     assert report["accuracy"] == pytest.approx(local["accuracy"])
     assert json.loads((tmp_path / "eval" / "eval-test.json").read_text())["per_case"] == local["per_case"]
+
+
+def test_a_dataset_with_another_label_order_is_refused(model_and_data, tmp_path):
+    """Labels are indices: the same names in another order would score every prediction wrong."""
+    import json
+    import shutil
+
+    from sgmft.ablate import predict_split
+
+    model_dir, dataset = model_and_data
+    reordered = tmp_path / "reordered"
+    shutil.copytree(dataset, reordered)
+    labels = json.loads((reordered / "labels.json").read_text())
+    (reordered / "labels.json").write_text(json.dumps(labels[::-1]))
+    for run in (evaluate_local, predict_split):
+        with pytest.raises(ValueError, match="different label set from the model"):
+            run(model_dir, reordered, "test")
