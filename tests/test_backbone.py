@@ -70,6 +70,29 @@ def test_token_level_shapes_and_mask():
     assert out.text_mask.dtype == torch.bool
 
 
+def test_a_model_builds_without_torchvision_and_cn_clip_still_imports_whole_after():
+    """A fresh process (a Serve replica, a prediction actor) builds and runs the model without
+    cn_clip.clip's __init__, which would import torchvision and torch._dynamo; a later
+    ``import cn_clip.clip`` still gets the real package, tokenizer and downloads included."""
+    import subprocess
+    import sys
+
+    code = """if True:
+        import sys, torch
+        from sgmft.config import ModelConfig
+        from sgmft.models.sgmft import build_model
+        from sgmft.presets import image_size_of
+        model = build_model(ModelConfig(), load_pretrained=False).eval()
+        size = image_size_of("tiny")
+        logits = model(torch.randint(1, 100, (2, 52)), torch.zeros(2, 3, size, size, dtype=torch.uint8)).logits
+        print(tuple(logits.shape), sorted(m for m in ("torchvision", "torch._dynamo", "cn_clip.clip") if m in sys.modules))
+        import cn_clip.clip
+        print(callable(cn_clip.clip.load_from_name), cn_clip.clip.tokenize(["学校"]).shape[0], cn_clip.clip.model.CLIP.__name__)
+    """
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.splitlines() == ["(2, 10) []", "True 1 CLIP"], out.stdout
+
 def test_released_presets_build_from_cn_clip_jsons():
     arch = architecture("ViT-B-16")
     assert (arch["vision_width"], arch["vision_layers"], arch["text_hidden_size"]) == (768, 12, 768)

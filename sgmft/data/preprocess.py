@@ -13,11 +13,9 @@ and vocabulary, exactly as ``cn_clip.clip.tokenize``.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -26,6 +24,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 if TYPE_CHECKING:
     from sgmft.config import Config
 
+from sgmft.cn_clip_files import tokenizer
 from sgmft.presets import CLIP_MEAN, CLIP_STD, PAD_TOKEN_ID, image_size_of
 
 ON_ERROR_CHOICES = ("raise", "record")
@@ -178,27 +177,10 @@ def denormalize(pixels: np.ndarray, spec: PreprocessSpec | None = None) -> np.nd
 
 # --- text ---------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=1)
-def _tokenizer() -> Any:
-    """cn_clip's FullTokenizer over its own vocab.txt, loaded once per process.
-
-    The tokenizer module is loaded from the package's file on its own: importing
-    ``cn_clip.clip`` would also import torchvision and build model code in every worker.
-    """
-    spec = importlib.util.find_spec("cn_clip")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError("the cn_clip package (its vocabulary and tokenizer) is not installed")
-    clip_dir = Path(next(iter(spec.submodule_search_locations))) / "clip"
-    module_spec = importlib.util.spec_from_file_location("_sgmft_cn_clip_bert_tokenizer", clip_dir / "bert_tokenizer.py")
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.FullTokenizer(vocab_file=str(clip_dir / "vocab.txt"))
-
-
 @functools.lru_cache(maxsize=65536)
 def _token_ids(text: str) -> tuple[int, ...]:
     # Cached per text: Ray workers live across epochs and see the same posts each epoch.
-    tok = _tokenizer()
+    tok = tokenizer()
     return tuple(tok.convert_tokens_to_ids(tok.tokenize(text)))
 
 
@@ -208,7 +190,7 @@ def tokenize(texts: Sequence[str], context_length: int = 52) -> np.ndarray:
         raise TypeError("tokenize expects a list of texts, got one string")
     if context_length < 3:
         raise ValueError(f"context_length must be >= 3, got {context_length}")
-    vocab = _tokenizer().vocab
+    vocab = tokenizer().vocab
     cls_id, sep_id = vocab["[CLS]"], vocab["[SEP]"]
     out = np.full((len(texts), context_length), PAD_TOKEN_ID, dtype=np.int64)
     for row, text in enumerate(texts):

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sgmft import cn_clip_files
 from sgmft.config import BackboneConfig
 from sgmft.models.outputs import BackboneOutput
 from sgmft.presets import CLIP_MEAN, CLIP_STD, CUSTOM, PAD_TOKEN_ID, RELEASED, check_preset, image_size_of
@@ -30,10 +31,8 @@ def architecture(preset: str) -> dict[str, Any]:
     if preset in CUSTOM:
         return dict(CUSTOM[preset])
     check_preset(preset)
-    import cn_clip.clip
-
     vision, text = RELEASED[preset].vision_config, RELEASED[preset].text_config
-    config_dir = Path(cn_clip.clip.__file__).parent / "model_configs"
+    config_dir = cn_clip_files.clip_dir() / "model_configs"
     info = json.loads((config_dir / f"{vision}.json").read_text())
     info.update(json.loads((config_dir / f"{text}.json").read_text()))
     if isinstance(info["vision_layers"], str):  # RN50 stores "[3,4,6,3]"
@@ -133,11 +132,9 @@ class CnClipBackbone(ClipBackbone):
 
     def __init__(self, preset: str, arch: dict[str, Any] | None = None):
         super().__init__()
-        from cn_clip.clip.model import CLIP
-
         arch = arch or architecture(preset)
         self.preset = preset
-        self.clip = CLIP(**arch)
+        self.clip = cn_clip_files.model_module().CLIP(**arch)
         self.is_resnet = isinstance(arch["vision_layers"], (list, tuple))
         self.embed_dim = arch["embed_dim"]
         self.text_width = arch["text_hidden_size"]
