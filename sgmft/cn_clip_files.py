@@ -3,9 +3,10 @@
 That ``__init__`` imports ``cn_clip.clip.utils``, which imports torchvision, which imports
 ``torch._dynamo``: 2-4 s at the start of every process that tokenizes a post or builds a
 model (a Ray Data worker, a Serve replica started by a scale-up, a batch-prediction actor),
-for image transforms and downloads this project never uses. Its vocabulary, architecture
-JSONs, tokenizer and model code are read from the package's files instead. The module
-itself imports neither torch nor cn_clip.
+for image transforms and downloads this project never uses. Here the package is registered
+with that ``__init__`` deferred, its tokenizer and model modules are imported under it, and
+its vocabulary and architecture JSONs are read from its directory. This module imports
+neither torch nor cn_clip when it is imported.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 PACKAGE = "cn_clip.clip"
-_loading = threading.Lock()
+_loading = threading.RLock()
 
 
 @functools.lru_cache(maxsize=1)
@@ -32,42 +33,56 @@ def clip_dir() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "clip"
 
 
-def _module_from_file(name: str, path: Path) -> types.ModuleType:
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def _package() -> types.ModuleType:
+    """``cn_clip.clip``: the real package if it is imported, else registered with its ``__init__`` deferred."""
+    with _loading:
+        return sys.modules.get(PACKAGE) or _register_package_without_init()
 
 
 @functools.lru_cache(maxsize=1)
 def tokenizer() -> Any:
     """cn_clip's ``FullTokenizer`` over its own vocab.txt, loaded once per process (no torch)."""
-    module = _module_from_file("_sgmft_cn_clip_bert_tokenizer", clip_dir() / "bert_tokenizer.py")
+    _package()
+    module = importlib.import_module(f"{PACKAGE}.bert_tokenizer")
     return module.FullTokenizer(vocab_file=str(clip_dir() / "vocab.txt"))
 
 
-@functools.lru_cache(maxsize=1)
 def model_module() -> types.ModuleType:
-    """``cn_clip.clip.model`` (its ``CLIP`` class), loaded without the package's ``__init__``.
+    """``cn_clip.clip.model`` (its ``CLIP`` class), imported without running the package's ``__init__``.
 
-    The model module asks its package for one name, ``_tokenizer``. While it loads, a
-    stand-in package that holds just that name takes the package's place in
-    ``sys.modules``; afterwards the stand-in and the modules loaded under it are taken out
-    again, so a later ``import cn_clip.clip`` (by a user's own code) gets the real package.
+    The model module asks its package for one name, ``_tokenizer``; a deferred package gets it here.
     """
+    package = _package()
     with _loading:
-        if PACKAGE in sys.modules:  # the real package is already here: nothing to save
-            return importlib.import_module(f"{PACKAGE}.model")
-        import cn_clip  # noqa: F401  (an empty __init__: the parent the stand-in needs)
+        if "_tokenizer" not in vars(package):  # vars: a lookup of a missing name would run the __init__
+            package._tokenizer = tokenizer()
+        return importlib.import_module(f"{PACKAGE}.model")
 
-        stand_in = types.ModuleType(PACKAGE)
-        stand_in.__path__ = [str(clip_dir())]
-        stand_in._tokenizer = tokenizer()
-        before = set(sys.modules)
-        sys.modules[PACKAGE] = stand_in
-        try:
-            return importlib.import_module(f"{PACKAGE}.model")
-        finally:
-            for name in set(sys.modules) - before:
-                if name == PACKAGE or name.startswith(f"{PACKAGE}."):
-                    del sys.modules[name]
+
+def _register_package_without_init() -> types.ModuleType:
+    """Register ``cn_clip.clip`` as imported, its ``__init__`` deferred until a name it defines is asked for.
+
+    Its submodules (the tokenizer, the model) import as usual under it. It stays the one
+    package module object, so ``cn_clip.clip.model.CLIP`` is the class a model was built
+    from and a model pickles by reference (``torch.save(model)``). The first lookup of a
+    name the package lacks (``cn_clip.clip.load_from_name``, say, in a user's own code) runs
+    the real ``__init__`` in it, torchvision and all, and returns the name.
+    """
+    import cn_clip
+
+    spec = importlib.util.find_spec(PACKAGE)
+    package = importlib.util.module_from_spec(spec)
+
+    def complete(name: str) -> Any:
+        if name.startswith("__") and name.endswith("__"):  # probes such as __wrapped__ or __all__
+            raise AttributeError(f"module {PACKAGE!r} has no attribute {name!r}")
+        with _loading:
+            if "__getattr__" in vars(package):
+                del package.__getattr__
+                spec.loader.exec_module(package)
+        return getattr(package, name)
+
+    package.__getattr__ = complete
+    sys.modules[PACKAGE] = package
+    cn_clip.clip = package
+    return package

@@ -71,27 +71,32 @@ def test_token_level_shapes_and_mask():
 
 
 def test_a_model_builds_without_torchvision_and_cn_clip_still_imports_whole_after():
-    """A fresh process (a Serve replica, a prediction actor) builds and runs the model without
-    cn_clip.clip's __init__, which would import torchvision and torch._dynamo; a later
-    ``import cn_clip.clip`` still gets the real package, tokenizer and downloads included."""
+    """A fresh process (a Serve replica, a prediction actor) builds, runs and pickles the model
+    without running cn_clip.clip's __init__, which imports torchvision and torch._dynamo; a
+    later ``import cn_clip.clip`` still gets the whole package, holding the model's own class."""
     import subprocess
     import sys
 
     code = """if True:
-        import sys, torch
+        import io, sys, torch
         from sgmft.config import ModelConfig
         from sgmft.models.sgmft import build_model
         from sgmft.presets import image_size_of
         model = build_model(ModelConfig(), load_pretrained=False).eval()
         size = image_size_of("tiny")
         logits = model(torch.randint(1, 100, (2, 52)), torch.zeros(2, 3, size, size, dtype=torch.uint8)).logits
-        print(tuple(logits.shape), sorted(m for m in ("torchvision", "torch._dynamo", "cn_clip.clip") if m in sys.modules))
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        print(tuple(logits.shape), sorted(m for m in ("torchvision", "torch._dynamo") if m in sys.modules))
         import cn_clip.clip
-        print(callable(cn_clip.clip.load_from_name), cn_clip.clip.tokenize(["学校"]).shape[0], cn_clip.clip.model.CLIP.__name__)
+        print(callable(cn_clip.clip.load_from_name), cn_clip.clip.tokenize(["学校"]).shape[0],
+              cn_clip.clip.model.CLIP is type(model.backbone.clip), "torchvision" in sys.modules)
+        buffer.seek(0)
+        print(type(torch.load(buffer, weights_only=False).backbone.clip).__name__)
     """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.splitlines() == ["(2, 10) []", "True 1 CLIP"], out.stdout
+    assert out.stdout.splitlines() == ["(2, 10) []", "True 1 True True", "CLIP"], out.stdout
 
 def test_released_presets_build_from_cn_clip_jsons():
     arch = architecture("ViT-B-16")
