@@ -98,6 +98,7 @@ def test_a_model_builds_without_torchvision_and_cn_clip_still_imports_whole_afte
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.splitlines() == ["(2, 10) []", "True 1 True True", "CLIP"], out.stdout
 
+
 def test_released_presets_build_from_cn_clip_jsons():
     arch = architecture("ViT-B-16")
     assert (arch["vision_width"], arch["vision_layers"], arch["text_hidden_size"]) == (768, 12, 768)
