@@ -146,10 +146,11 @@ def evaluate(model_dir: str | Path, dataset_dir: str | Path, split: str = "test"
     With a ``meta_case`` column in the dataset the report has ``per_case``:
     ``{case: {"accuracy", "n"}}`` over the posts that decoded.
     """
+    from sgmft.checkpoint import check_model_dir
     from sgmft.inference import predictions
 
     model_dir = Path(model_dir)
-    labels = _check_labels(json.loads((model_dir / "labels.json").read_text()), model_dir, dataset_dir)
+    labels = _check_labels(check_model_dir(model_dir)[1], model_dir, dataset_dir)
     ds, _ = predictions(model_dir, dataset_dir, split, **predict_kwargs)
     rows = ds.select_columns(["post_id", "label", "predicted_label", "error"]).take_all()
     cases = _cases(dataset_dir, split)  # predictions carry post ids, not meta columns
