@@ -39,17 +39,31 @@ def test_attention_ignores_padded_keys_in_training():
     torch.testing.assert_close(a, b)
 
 
-def test_cpu_attention_with_dropout_is_softmax_times_the_drawn_mask():
-    q, k, v = (torch.randn(B, HEADS, n, D // HEADS) for n in (LQ, LK, LK))
-    _, mask = padded_context()
-    bias = padding_bias(mask, q.dtype)
+@pytest.mark.parametrize("padded", [True, False])
+def test_cpu_attention_with_dropout_is_softmax_times_the_drawn_mask(padded):
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(B, HEADS, n, D // HEADS, requires_grad=True) for n in (LQ, LK, LK))
+    bias = padding_bias(padded_context()[1], q.dtype) if padded else None
     torch.manual_seed(3)
     out = attend(q, k, v, bias, p=0.25)
     torch.manual_seed(3)
     keep = _keep_scale(torch.Size((B, HEADS, LQ, LK)), 0.25, q.dtype)
-    probs = torch.softmax(q @ k.transpose(-1, -2) / (D // HEADS) ** 0.5 + bias, dim=-1)
-    torch.testing.assert_close(out, (probs * keep) @ v)
+    scores = q @ k.transpose(-1, -2) / (D // HEADS) ** 0.5
+    probs = torch.softmax(scores + bias if padded else scores, dim=-1)
+    expected = (probs * keep) @ v
+    torch.testing.assert_close(out, expected)
     assert (keep == 0).any() and (keep > 0).any()
+    weights = torch.randn_like(out)  # gradients too: the folded matmuls against the formula
+    torch.testing.assert_close(torch.autograd.grad((out * weights).sum(), (q, k, v)),
+                               torch.autograd.grad((expected * weights).sum(), (q, k, v)))
+
+
+def test_keep_masks_of_any_size_and_dtype():
+    torch.manual_seed(0)
+    odd = _keep_scale(torch.Size((3, 7)), 0.5, torch.float32)  # 21 draws: not a whole number of 64-bit words
+    assert odd.shape == (3, 7) and set(odd.unique().tolist()) <= {0.0, 2.0}
+    half = _keep_scale(torch.Size((5, 3)), 0.5, torch.bfloat16)
+    assert half.dtype == torch.bfloat16 and set(half.unique().tolist()) <= {0.0, 2.0}
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])
