@@ -12,7 +12,11 @@ CPU (default; the project's 2-core machine): the ``small`` random-init backbone,
   trial, the export) and the trial's own time as Tune measured it;
 - a search of 8 trials each way: the same grid (4 learning rates x 2 dropouts), 2 epochs,
   no early stopping (so both ways run the same 8 x 2 epochs), 2 trials at a time;
-- the cache build, once: amortised over every trial and search on the same backbone.
+- the cache build, once: amortised over every trial and search on the same backbone;
+- the compute bound: FLOPs (torch's FlopCounterMode) and one-thread times of a batch's
+  backbone forward, head training step and head forward, in this process. A cached epoch
+  can be at most (epoch FLOPs end to end) / (epoch FLOPs cached) faster, and only where the
+  head runs at the backbone's FLOP rate; the measured rates say how far from that it is.
 
 Writes ``results/tune_cache.json``. Goal: a cached trial at least 5x faster, with the same
 best validation accuracy within noise.
@@ -63,6 +67,89 @@ def search(base: list[str], run_name: str, space: dict, epochs: int, *extra: str
     }
 
 
+def _best_seconds(fn, rounds: int = 7, repeat: int = 5) -> float:
+    """Seconds of one ``fn()``: the best of ``rounds`` means over ``repeat`` calls (the machine drifts)."""
+    import time
+
+    fn()
+    best = float("inf")
+    for _ in range(rounds):
+        started = time.perf_counter()
+        for _ in range(repeat):
+            fn()
+        best = min(best, (time.perf_counter() - started) / repeat)
+    return best
+
+
+def compute_bound(overrides: list[str], train_steps: int, val_batches: int) -> dict:
+    """FLOPs and one-thread seconds of a batch: backbone forward, head training step, head forward.
+
+    Random inputs of the model's sizes (the head's work does not depend on the values), the
+    config's seed, batch size and dropout; the step is what a cached trial runs per batch
+    (forward, loss, backward, clipping, AdamW). Returns each part's FLOPs, seconds and
+    GFLOP/s, and the epoch ratios they bound.
+    """
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from sgmft.models.sgmft import build_model
+    from sgmft.optim import build_optimizer
+    from sgmft.presets import image_size_of
+
+    cfg = load_config(REPO / "jobs" / "configs" / "demo.yaml", overrides)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # what a trial with tune.cpus_per_worker < 1 runs on
+    try:
+        torch.manual_seed(cfg.train.seed)
+        model = build_model(cfg.model, load_pretrained=False)
+        batch, size = cfg.data.batch_size, image_size_of(cfg.model.backbone.preset)
+        ids = torch.randint(1000, 20000, (batch, cfg.data.context_length))
+        ids[:, cfg.data.context_length // 2:] = 0  # padding, as short posts have
+        pixels = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
+        labels = torch.randint(0, cfg.model.num_labels, (batch,))
+        with torch.no_grad():
+            features = model.features(ids, pixels)
+        optimizer = build_optimizer(model.head, cfg.train)
+
+        def backbone_forward():
+            with torch.no_grad():
+                model.features(ids, pixels)
+
+        def head_step():
+            model.head.train()
+            loss = torch.nn.functional.cross_entropy(model.head(features).logits, labels)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.head.parameters(), cfg.train.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        def head_forward():
+            model.head.eval()
+            with torch.inference_mode():
+                model.head(features)
+
+        parts = {}
+        for name, fn in (("backbone_forward", backbone_forward), ("head_train_step", head_step), ("head_forward", head_forward)):
+            with FlopCounterMode(display=False) as counter:
+                fn()
+            seconds = _best_seconds(fn)
+            parts[name] = {"gflop": counter.get_total_flops() / 1e9, "s": seconds, "gflop_per_s": counter.get_total_flops() / 1e9 / seconds}
+    finally:
+        torch.set_num_threads(threads)
+    b, t, v = (parts[k] for k in ("backbone_forward", "head_train_step", "head_forward"))
+    cached_flops = train_steps * t["gflop"] + val_batches * v["gflop"]
+    cached_s = train_steps * t["s"] + val_batches * v["s"]
+    backbone_flops = (train_steps + val_batches) * b["gflop"]
+    return {
+        "threads": 1, "batch_size": batch, "train_steps": train_steps, "val_batches": val_batches, "parts": parts,
+        # the most a cached epoch can gain: its head at the backbone's FLOP rate, no overhead
+        "epoch_flop_ratio": (backbone_flops + cached_flops) / cached_flops,
+        # what these rates give, still with no overhead
+        "epoch_compute_ratio": ((train_steps + val_batches) * b["s"] + cached_s) / cached_s,
+        "head_rate_vs_backbone": t["gflop_per_s"] / b["gflop_per_s"],
+    }
+
+
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
@@ -83,12 +170,14 @@ def run(quick: bool = False) -> dict:
         load_before = os.getloadavg()
         with local_ray(num_cpus=4):
             with Timer() as build:
-                cache_features(load_config(REPO / "jobs" / "configs" / "demo.yaml", base), dataset_dir, Path(tmp) / "features",
-                               concurrency=2)
+                manifest = cache_features(load_config(REPO / "jobs" / "configs" / "demo.yaml", base), dataset_dir,
+                                          Path(tmp) / "features", concurrency=2)
             one_e2e = search(base, "one-e2e", ONE, epochs)
             one_cached = search(base, "one-cached", ONE, epochs, cached)
             grid_cached = search(base, "grid-cached", GRID, search_epochs, cached)
             grid_e2e = search(base, "grid-e2e", GRID, search_epochs)
+    rows, batch = manifest["rows"], load_config(REPO / "jobs" / "configs" / "demo.yaml", base).data.batch_size
+    bound = compute_bound(base, rows["train"] // batch, -(-rows["val"] // batch))
     result = {
         "preset": "small (frozen)", "rows": n, "load_average_before": load_before, "load_average_after": os.getloadavg(),
         "cache_build_s": build.seconds,
@@ -98,6 +187,7 @@ def run(quick: bool = False) -> dict:
         "search_8_trials": {"end_to_end": grid_e2e, "cached": grid_cached,
                             "search_speedup": grid_e2e["wall_s"] / grid_cached["wall_s"],
                             "trial_speedup": grid_e2e["mean_trial_s"] / grid_cached["mean_trial_s"]},
+        "compute_bound": bound,
         "goal": "a cached trial >= 5x faster, same best val accuracy within noise",
     }
     result["speedup"] = result["one_trial"]["trial_speedup"]  # the headline (benchmarks.run_all)
@@ -111,6 +201,13 @@ def run(quick: bool = False) -> dict:
           f"{g['search_speedup']:.1f}x ({g['trial_speedup']:.1f}x per trial); best val accuracy "
           f"{grid_e2e['best_val_accuracy']:.3f} vs {grid_cached['best_val_accuracy']:.3f}; fixed cost per trial "
           f"{_mean(grid_e2e['startup_s']):.1f}s vs {_mean(grid_cached['startup_s']):.1f}s; cache built once in {build.seconds:.1f}s")
+    parts = bound["parts"]
+    print(f"compute bound (one thread, batch {batch}): backbone forward {parts['backbone_forward']['gflop']:.1f} GFLOP in "
+          f"{parts['backbone_forward']['s'] * 1e3:.0f} ms ({parts['backbone_forward']['gflop_per_s']:.0f} GFLOP/s), head training step "
+          f"{parts['head_train_step']['gflop']:.2f} GFLOP in {parts['head_train_step']['s'] * 1e3:.0f} ms "
+          f"({parts['head_train_step']['gflop_per_s']:.0f} GFLOP/s); a cached epoch ({bound['train_steps']} steps, "
+          f"{bound['val_batches']} val batches) is at most {bound['epoch_flop_ratio']:.1f}x faster (head at the backbone's rate, "
+          f"no overhead), {bound['epoch_compute_ratio']:.1f}x at the rates measured")
     save("tune_cache", result)
     return result
 
