@@ -181,6 +181,8 @@ class HeadNode:
     temp_dir: str = field(default_factory=short_temp_dir)
     gcs_port: int = field(default_factory=free_port)
     dashboard_port: int = field(default_factory=free_port)
+    agent_port: int = field(default_factory=free_port)
+    """The head's dashboard agent's HTTP port: the dashboard hands submitted jobs to it."""
     process: subprocess.Popen | None = None
     env: dict[str, str] = field(default_factory=dict)
     """More environment for the cluster's Ray processes, so for its workers, replicas and job drivers."""
@@ -221,18 +223,34 @@ class HeadNode:
                f"--dashboard-port={self.dashboard_port}", f"--temp-dir={self.temp_dir}", "--disable-usage-stats",
                # the agent's HTTP port is otherwise a fixed 52365: another Ray on this machine would
                # hold it, and jobs would be refused ("No available agent to submit job")
-               f"--dashboard-agent-listen-port={free_port()}"]
+               f"--dashboard-agent-listen-port={self.agent_port}"]
         log = open(Path(self.temp_dir) / "ray-start.log", "w")
         self.process = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"ray start exited with {self.process.returncode}: {(Path(self.temp_dir) / 'ray-start.log').read_text()[-2000:]}")
-            if _dashboard_ready(self.dashboard_url, self.auth_headers()):
+            # ready for jobs: the dashboard answers with the token, and its agent on its own port
+            # (a port taken by another process between choosing and binding would refuse every job)
+            if _answers(f"{self.dashboard_url}/api/version", self.auth_headers()) and \
+                    _answers(f"http://127.0.0.1:{self.agent_port}/api/healthz", {}):
                 return self
             time.sleep(1.0)
+        logs = self.log_tail("dashboard.log", "dashboard_agent.log")
         self.stop()
-        raise TimeoutError(f"the Ray head did not come up within {timeout_s:.0f}s")
+        raise TimeoutError(f"the Ray head (dashboard :{self.dashboard_port}, agent :{self.agent_port}) did not come up "
+                           f"within {timeout_s:.0f}s\n{logs}")
+
+    def log_tail(self, *names: str, chars: int = 1500) -> str:
+        """The ends of this head's log files ``names`` (in ``session_latest/logs``), for error messages."""
+        logs = Path(self.temp_dir) / "session_latest" / "logs"
+        tails = []
+        for name in names:
+            try:
+                tails.append(f"--- {name}:\n{(logs / name).read_text(errors='replace')[-chars:]}")
+            except OSError as exc:
+                tails.append(f"--- {name}: unreadable ({exc})")
+        return "\n".join(tails)
 
     def stop(self) -> None:
         """End the process group this head started (never other Ray processes on the machine)."""
@@ -249,12 +267,12 @@ class HeadNode:
         self.process = None
 
 
-def _dashboard_ready(url: str, headers: dict[str, str]) -> bool:
+def _answers(url: str, headers: dict[str, str]) -> bool:
+    """Whether ``url`` answers 200 with ``headers`` within 2 s."""
     import urllib.request
 
     try:
-        # /api/version needs the token: ready means reachable with it
-        with urllib.request.urlopen(urllib.request.Request(f"{url}/api/version", headers=headers), timeout=2) as response:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=2) as response:
             return response.status == 200
     except OSError:
         return False

@@ -206,8 +206,10 @@ def test_job_submitted_with_the_token_succeeds(ray_head):
             break
         except RuntimeError as exc:
             # the dashboard takes jobs once its agent on the head has registered (can lag on a busy machine)
-            if "No available agent" not in str(exc) or time.monotonic() > deadline:
+            if "No available agent" not in str(exc):
                 raise
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{exc}\n{ray_head.log_tail('dashboard_JobHead.log', 'dashboard_agent.log')}") from exc
             time.sleep(2)
     while (status := client.get_job_status(job_id)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
         assert time.monotonic() < deadline, f"job {job_id} still {status} after 60 s"
