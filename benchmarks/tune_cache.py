@@ -81,13 +81,14 @@ def _best_seconds(fn, rounds: int = 7, repeat: int = 5) -> float:
     return best
 
 
-def compute_bound(overrides: list[str], train_steps: int, val_batches: int) -> dict:
+def compute_bound(overrides: list[str], rows: dict[str, int]) -> dict:
     """FLOPs and one-thread seconds of a batch: backbone forward, head training step, head forward.
 
     Random inputs of the model's sizes (the head's work does not depend on the values), the
     config's seed, batch size and dropout; the step is what a cached trial runs per batch
     (forward, loss, backward, clipping, AdamW). Returns each part's FLOPs, seconds and
-    GFLOP/s, and the epoch ratios they bound.
+    GFLOP/s, and the epoch ratios they bound for an epoch over ``rows`` (posts per split, as a
+    feature cache's manifest counts them).
     """
     import torch
     from torch.utils.flop_counter import FlopCounterMode
@@ -136,6 +137,7 @@ def compute_bound(overrides: list[str], train_steps: int, val_batches: int) -> d
             parts[name] = {"gflop": counter.get_total_flops() / 1e9, "s": seconds, "gflop_per_s": counter.get_total_flops() / 1e9 / seconds}
     finally:
         torch.set_num_threads(threads)
+    train_steps, val_batches = rows["train"] // batch, -(-rows["val"] // batch)  # whole batches train, all validate
     b, t, v = (parts[k] for k in ("backbone_forward", "head_train_step", "head_forward"))
     cached_flops = train_steps * t["gflop"] + val_batches * v["gflop"]
     cached_s = train_steps * t["s"] + val_batches * v["s"]
@@ -176,8 +178,7 @@ def run(quick: bool = False) -> dict:
             one_cached = search(base, "one-cached", ONE, epochs, cached)
             grid_cached = search(base, "grid-cached", GRID, search_epochs, cached)
             grid_e2e = search(base, "grid-e2e", GRID, search_epochs)
-    rows, batch = manifest["rows"], load_config(REPO / "jobs" / "configs" / "demo.yaml", base).data.batch_size
-    bound = compute_bound(base, rows["train"] // batch, -(-rows["val"] // batch))
+    bound = compute_bound(base, manifest["rows"])
     result = {
         "preset": "small (frozen)", "rows": n, "load_average_before": load_before, "load_average_after": os.getloadavg(),
         "cache_build_s": build.seconds,
@@ -202,7 +203,7 @@ def run(quick: bool = False) -> dict:
           f"{grid_e2e['best_val_accuracy']:.3f} vs {grid_cached['best_val_accuracy']:.3f}; fixed cost per trial "
           f"{_mean(grid_e2e['startup_s']):.1f}s vs {_mean(grid_cached['startup_s']):.1f}s; cache built once in {build.seconds:.1f}s")
     parts = bound["parts"]
-    print(f"compute bound (one thread, batch {batch}): backbone forward {parts['backbone_forward']['gflop']:.1f} GFLOP in "
+    print(f"compute bound (one thread, batch {bound['batch_size']}): backbone forward {parts['backbone_forward']['gflop']:.1f} GFLOP in "
           f"{parts['backbone_forward']['s'] * 1e3:.0f} ms ({parts['backbone_forward']['gflop_per_s']:.0f} GFLOP/s), head training step "
           f"{parts['head_train_step']['gflop']:.2f} GFLOP in {parts['head_train_step']['s'] * 1e3:.0f} ms "
           f"({parts['head_train_step']['gflop_per_s']:.0f} GFLOP/s); a cached epoch ({bound['train_steps']} steps, "
