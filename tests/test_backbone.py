@@ -70,33 +70,33 @@ def test_token_level_shapes_and_mask():
     assert out.text_mask.dtype == torch.bool
 
 
-def test_a_model_builds_without_torchvision_and_cn_clip_still_imports_whole_after():
-    """A fresh process (a Serve replica, a prediction actor) builds, runs and pickles the model
-    without running cn_clip.clip's __init__, which imports torchvision and torch._dynamo; a
-    later ``import cn_clip.clip`` still gets the whole package, holding the model's own class."""
+def test_a_model_pickles_as_cn_clip_s_own_class_and_tokenizing_imports_no_torch():
+    """A fresh process tokenizes without torch (a Ray Data worker, a Serve ingress), and a model
+    built after that is cn_clip's own ``CLIP``, found under its module's name when it is pickled
+    and loaded back; the whole ``cn_clip.clip`` package is there."""
     import subprocess
     import sys
 
     code = """if True:
-        import io, sys, torch
+        import io, sys
+        from sgmft.data.preprocess import tokenize
+        ids = tokenize(["我在学校"])
+        print(ids.shape, "torch" in sys.modules)
+        import torch
+        import cn_clip.clip
         from sgmft.config import ModelConfig
         from sgmft.models.sgmft import build_model
-        from sgmft.presets import image_size_of
         model = build_model(ModelConfig(), load_pretrained=False).eval()
-        size = image_size_of("tiny")
-        logits = model(torch.randint(1, 100, (2, 52)), torch.zeros(2, 3, size, size, dtype=torch.uint8)).logits
         buffer = io.BytesIO()
         torch.save(model, buffer)
-        print(tuple(logits.shape), sorted(m for m in ("torchvision", "torch._dynamo") if m in sys.modules))
-        import cn_clip.clip
-        print(callable(cn_clip.clip.load_from_name), cn_clip.clip.tokenize(["学校"]).shape[0],
-              cn_clip.clip.model.CLIP is type(model.backbone.clip), "torchvision" in sys.modules)
         buffer.seek(0)
-        print(type(torch.load(buffer, weights_only=False).backbone.clip).__name__)
+        loaded = torch.load(buffer, weights_only=False)
+        print(cn_clip.clip.model.CLIP is type(model.backbone.clip) is type(loaded.backbone.clip),
+              callable(cn_clip.clip.load_from_name), cn_clip.clip.tokenize(["我在学校"]).tolist()[0] == ids.tolist()[0])
     """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.splitlines() == ["(2, 10) []", "True 1 True True", "CLIP"], out.stdout
+    assert out.stdout.splitlines() == ["(1, 52) False", "True True True"], out.stdout
 
 
 def test_released_presets_build_from_cn_clip_jsons():

@@ -24,7 +24,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 if TYPE_CHECKING:
     from sgmft.config import Config
 
-from sgmft.cn_clip_files import tokenizer
+from sgmft.data.tokenizer import tokenizer
 from sgmft.presets import CLIP_MEAN, CLIP_STD, PAD_TOKEN_ID, image_size_of
 
 ON_ERROR_CHOICES = ("raise", "record")

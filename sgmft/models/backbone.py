@@ -17,7 +17,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from sgmft import cn_clip_files
 from sgmft.config import BackboneConfig
 from sgmft.models.outputs import BackboneOutput
 from sgmft.presets import CLIP_MEAN, CLIP_STD, CUSTOM, PAD_TOKEN_ID, RELEASED, check_preset, image_size_of
@@ -32,7 +31,9 @@ def architecture(preset: str) -> dict[str, Any]:
         return dict(CUSTOM[preset])
     check_preset(preset)
     vision, text = RELEASED[preset].vision_config, RELEASED[preset].text_config
-    config_dir = cn_clip_files.clip_dir() / "model_configs"
+    import cn_clip.clip
+
+    config_dir = Path(cn_clip.clip.__file__).parent / "model_configs"
     info = json.loads((config_dir / f"{vision}.json").read_text())
     info.update(json.loads((config_dir / f"{text}.json").read_text()))
     if isinstance(info["vision_layers"], str):  # RN50 stores "[3,4,6,3]"
@@ -134,7 +135,11 @@ class CnClipBackbone(ClipBackbone):
         super().__init__()
         arch = arch or architecture(preset)
         self.preset = preset
-        self.clip = cn_clip_files.model_module().CLIP(**arch)
+        # The package as it is: importing it costs a model-building process ~2 s (its __init__
+        # imports torchvision), and keeps cn_clip.clip.model.CLIP the class a pickled model names.
+        from cn_clip.clip.model import CLIP
+
+        self.clip = CLIP(**arch)
         self.is_resnet = isinstance(arch["vision_layers"], (list, tuple))
         self.embed_dim = arch["embed_dim"]
         self.text_width = arch["text_hidden_size"]
