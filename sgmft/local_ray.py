@@ -84,6 +84,9 @@ def use_token(token_path: str | Path) -> None:
     before ``ray.init``). Ray caches the mode and the token per process: both are reloaded."""
     os.environ.pop("RAY_AUTH_TOKEN", None)
     os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path)})
+    # Private (ray._raylet): Ray has no public call that makes a process read its auth mode
+    # and token again, and a process that is a client of two clusters in turn (a test session,
+    # a benchmark) needs one. Ray's own `ray get-auth-token` command does the same.
     from ray._raylet import AuthenticationTokenLoader, Config
 
     Config.initialize("")  # the config first, then the token (the order of Ray's own test helper)
@@ -134,6 +137,8 @@ def connect(num_cpus: int | None = None, quiet: bool = True, worker_log: str | P
 
 
 def _autoscaler_events(lines: list[str]) -> list[str]:
+    # Private: the filter Ray's own driver applies to the autoscaler's output, so the log says
+    # what Ray would have printed; no public function does it. Without it, nothing is logged.
     try:
         from ray._private.worker import filter_autoscaler_events
 
@@ -146,7 +151,11 @@ _PRINT_HANDLER = "ray_print_logs"  # the name ray.init gives the handler that pr
 
 
 def _worker_output_dispatcher():
-    """Ray's dispatcher of the worker output it forwards to the driver, if this Ray has one."""
+    """Ray's dispatcher of the worker output it forwards to the driver, if this Ray has one.
+
+    Private (ray._private.ray_logging): Ray's public choice is log_to_driver on or off; only
+    its dispatcher can send the forwarded output to a file of the run instead of the console.
+    """
     try:
         from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
     except ImportError:
