@@ -126,7 +126,10 @@ def connect(num_cpus: int | None = None, quiet: bool = True, worker_log: str | P
         temp_dir = short_temp_dir()
         # Ray's processes started by ray.init inherit this environment, so they share the token
         use_token(new_token_file(temp_dir))
-        # the dashboard serves the State API, which Ray Train's placement-group cleaner polls
+        # the dashboard serves the State API, which Ray Train's placement-group cleaner polls.
+        # _node_ip_address and _temp_dir are underscored (private) arguments with no public
+        # equivalent: the first keeps every process of the cluster on 127.0.0.1, the second keeps
+        # Ray's socket paths short and the token file beside them.
         ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
                  _temp_dir=temp_dir, runtime_env=runtime_env, logging_level="WARNING", log_to_driver=log_to_driver)
     if dispatcher is not None:
