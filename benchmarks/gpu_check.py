@@ -16,7 +16,8 @@ import torch
 from benchmarks.common import save
 from sgmft.config import TrainConfig, model_config_for
 from sgmft.models.sgmft import build_model
-from sgmft.optim import build_optimizer
+from sgmft.optim import build_optimization
+from sgmft.train_loop import train_step
 
 
 def timed(fn, repeats: int) -> float:
@@ -30,7 +31,8 @@ def timed(fn, repeats: int) -> float:
 
 
 def bare_train_step(model_cfg, batch: int, repeats: int) -> dict:
-    """Samples/s of a bf16 training step (forward, backward, AdamW) on device-resident inputs.
+    """Samples/s of the bf16 training step Ray Train workers run (forward, backward, clipping,
+    AdamW, schedule: :func:`sgmft.train_loop.train_step`) on device-resident inputs.
 
     The upper bound for a Ray Train epoch of the same model and batch: no data loading,
     no DDP, no reporting. Pixels are uint8, as the pipeline delivers them.
@@ -40,18 +42,17 @@ def bare_train_step(model_cfg, batch: int, repeats: int) -> dict:
     ids = torch.randint(1000, 20000, (batch, 52), device=device)
     pixels = torch.randint(0, 256, (batch, 3, 224, 224), dtype=torch.uint8, device=device)
     labels = torch.randint(0, model_cfg.num_labels, (batch,), device=device)
-    optimizer = build_optimizer(model, TrainConfig())
+    train_cfg = TrainConfig()
+    optimizer, scheduler = build_optimization(model, train_cfg, device, total_updates=repeats + 3)
+    inputs, loss_fn = {"input_ids": ids, "pixel_values": pixels, "label_id": labels}, torch.nn.CrossEntropyLoss()
 
-    def train_step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = torch.nn.functional.cross_entropy(model(ids, pixels).logits.float(), labels)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    def step():
+        train_step(model, inputs, loss_fn, optimizer, scheduler, autocast=torch.autocast("cuda", dtype=torch.bfloat16),
+                   max_grad_norm=train_cfg.max_grad_norm)
 
     for _ in range(3):
-        train_step()
-    step_s = timed(train_step, repeats)
+        step()
+    step_s = timed(step, repeats)
     result = {"batch": batch, "seconds": step_s, "samples_per_s": batch / step_s,
               "max_memory_gib": torch.cuda.max_memory_allocated() / 2**30}
     return result  # the model and optimizer go with this frame; callers empty the CUDA cache

@@ -7,6 +7,7 @@ bound; the Ray run decodes and tokenises on the fly. Steady state: epoch 1 is wa
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import time
 from pathlib import Path
@@ -35,7 +36,8 @@ def plain_loop(cfg, dataset_dir: Path, threads: int, steps: int) -> float:
     from sgmft.data.preprocess import PreprocessSpec, encode_labels, preprocess_batch
     from sgmft.data.schema import load_labels, split_files
     from sgmft.models.sgmft import build_model
-    from sgmft.optim import build_optimizer
+    from sgmft.optim import build_optimization
+    from sgmft.train_loop import train_step
 
     torch.set_num_threads(threads)
     labels = load_labels(dataset_dir)
@@ -46,19 +48,17 @@ def plain_loop(cfg, dataset_dir: Path, threads: int, steps: int) -> float:
     ids, pixels = torch.from_numpy(inputs["input_ids"]), torch.from_numpy(inputs["pixel_values"])
     targets = torch.from_numpy(encode_labels(batch["label"], labels))
     model = build_model(cfg.model).train()
-    optimizer = build_optimizer(model, cfg.train)
     size = cfg.data.batch_size * cfg.train.num_workers  # the same global batch as the DDP run
+    optimizer, scheduler = build_optimization(model, cfg.train, torch.device("cpu"), total_updates=steps + 2)
     loss_fn = torch.nn.CrossEntropyLoss()
     start = 0.0
     for step in range(steps + 2):
         if step == 2:
             start = time.perf_counter()
         i = (step * size) % (len(targets) - size)
-        loss = loss_fn(model(ids[i:i + size], pixels[i:i + size]).logits, targets[i:i + size])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        batch = {"input_ids": ids[i:i + size], "pixel_values": pixels[i:i + size], "label_id": targets[i:i + size]}
+        train_step(model, batch, loss_fn, optimizer, scheduler, autocast=contextlib.nullcontext(),
+                   max_grad_norm=cfg.train.max_grad_norm)
     return steps * size / (time.perf_counter() - start)
 
 

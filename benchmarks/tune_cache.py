@@ -32,6 +32,7 @@ writes ``results/gpu_tune_dry_run.json``, which measures nothing useful).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -94,8 +95,9 @@ def compute_bound(overrides: list[str], rows: dict[str, int]) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     from sgmft.models.sgmft import build_model
-    from sgmft.optim import build_optimizer
-    from sgmft.presets import image_size_of
+    from sgmft.optim import build_optimization
+    from sgmft.train_loop import train_step
+    from sgmft.config import image_size_of
 
     cfg = load_config(REPO / "jobs" / "configs" / "demo.yaml", overrides)
     threads = torch.get_num_threads()
@@ -110,7 +112,8 @@ def compute_bound(overrides: list[str], rows: dict[str, int]) -> dict:
         labels = torch.randint(0, cfg.model.num_labels, (batch,))
         with torch.no_grad():
             features = model.features(ids, pixels)
-        optimizer = build_optimizer(model.head, cfg.train)
+        optimizer, scheduler = build_optimization(model.head, cfg.train, torch.device("cpu"), total_updates=10_000)
+        head_batch, loss_fn = {"label_id": labels, **vars(features)}, torch.nn.CrossEntropyLoss()
 
         def backbone_forward():
             with torch.no_grad():
@@ -118,11 +121,8 @@ def compute_bound(overrides: list[str], rows: dict[str, int]) -> dict:
 
         def head_step():
             model.head.train()
-            loss = torch.nn.functional.cross_entropy(model.head(features).logits, labels)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.head.parameters(), cfg.train.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            train_step(model, head_batch, loss_fn, optimizer, scheduler, autocast=contextlib.nullcontext(),
+                       max_grad_norm=cfg.train.max_grad_norm)
 
         def head_forward():
             model.head.eval()

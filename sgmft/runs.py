@@ -3,7 +3,7 @@
 A run lives at ``train.storage_path/train.run_name``; the synthetic default dataset is
 built once inside it; its data is read as Ray datasets (posts preprocessed by Ray Data, or
 a feature cache) in two steps a search splits: :func:`prepare_data` once per search,
-:func:`loop_config` per trial; a finished Ray Train result's best checkpoint is exported
+:func:`worker_spec` per trial; a finished Ray Train result's best checkpoint is exported
 from it as a model directory. A search (tune, ablate) is a run too, and each of its trials
 a run at ``<search run>/trials/<trial id>``.
 """
@@ -21,9 +21,10 @@ import numpy as np
 import torch
 
 from sgmft.checkpoint import CONFIG, METRICS, TRAIN_FILES, TRAIN_STATE, WEIGHTS
-from sgmft.config import Config, config_from_dict, config_to_dict
+from sgmft.config import Config, config_from_dict
 from sgmft.data.schema import label_counts, load_labels, shard_files, split_rows
 from sgmft.feature_cache import FeatureCacheError, check_cache, feature_widths
+from sgmft.train_loop import WorkerSpec
 
 TRIALS = "trials"
 """The folder of a search's run directory that holds one run directory per trial."""
@@ -148,8 +149,8 @@ def prepare_data(cfg: Config) -> PreparedData:
                         key=data_key(cfg), head_widths=head_widths)
 
 
-def loop_config(cfg: Config, data: PreparedData) -> dict:
-    """The worker loop's config for ``cfg`` on prepared ``data`` (the dataset brings its label set)."""
+def worker_spec(cfg: Config, data: PreparedData) -> WorkerSpec:
+    """What every training worker of ``cfg`` on prepared ``data`` is handed (the dataset brings its label set)."""
     labels = data.labels
     if cfg.model.num_labels != len(labels):
         cfg.model.num_labels = len(labels)
@@ -157,16 +158,14 @@ def loop_config(cfg: Config, data: PreparedData) -> dict:
     if cfg.train.class_weights == "balanced":
         counts = np.array(label_counts(data.dataset_dir, labels), dtype=np.float64)
         class_weights = (counts.sum() / (len(labels) * np.maximum(counts, 1))).tolist()
-    return {
-        "config": config_to_dict(cfg), "labels": labels, "class_weights": class_weights, "train_rows": data.train_rows,
-        "run_dir": str(run_dir(cfg)), "dataset_dir": str(data.dataset_dir), "head_widths": data.head_widths,
-    }
+    return WorkerSpec(config=cfg, labels=labels, class_weights=class_weights, train_rows=data.train_rows,
+                      run_dir=str(run_dir(cfg)), dataset_dir=str(data.dataset_dir), head_widths=data.head_widths)
 
 
-def prepare(cfg: Config) -> tuple[dict, dict]:
-    """Ray datasets (train, val) and the loop config for ``cfg``."""
+def prepare(cfg: Config) -> tuple[dict, WorkerSpec]:
+    """Ray datasets (train, val) and the workers' spec for ``cfg``."""
     data = prepare_data(cfg)
-    return data.datasets, loop_config(cfg, data)
+    return data.datasets, worker_spec(cfg, data)
 
 
 def _kept_checkpoints(result: Any) -> list[tuple[Any, dict]]:

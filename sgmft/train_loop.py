@@ -11,6 +11,7 @@ or a re-run with the same run name, resumes from the latest checkpoint.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -24,13 +25,39 @@ from typing import Any
 import torch
 
 from sgmft.checkpoint import TRAIN_STATE, write_model_files
-from sgmft.config import Config, config_from_dict
+from sgmft.config import Config
 from sgmft.metrics import classification_report
 from sgmft.models.outputs import BackboneOutput
 from sgmft.progress import Reporter
 
 FEATURE_COLUMNS = ("text_tokens", "text_mask", "image_tokens", "text_embeds", "image_embeds")
-HISTORY_KEYS = ("epoch", "train_loss", "val_accuracy", "val_macro_f1", "samples_per_s", "data_wait_share")
+HISTORY_KEYS = ("epoch", "train_loss", "val_accuracy", "val_macro_f1", "samples_per_s", "data_wait_share",
+                "grad_norm", "lr", "collapsed", "steady_samples_per_s", "first_step_s", "setup_s")
+DIVERGENCE_CHECK_EVERY = 16
+"""Steps between host-side checks of the loss on a GPU (each check waits for the queue to drain);
+on a CPU every step is checked, as nothing runs ahead of the host there."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite: the run stops instead of training on garbage."""
+
+
+@dataclass
+class WorkerSpec:
+    """What the driver hands every training worker (:func:`sgmft.runs.worker_spec` builds it)."""
+
+    config: Config
+    labels: list[str]
+    train_rows: int
+    """Rows of the train split; every worker runs ``train_rows // world // batch_size`` steps an epoch."""
+    run_dir: str
+    dataset_dir: str
+    class_weights: list[float] | None = None
+    """Per-label loss weights (``train.class_weights: balanced``), in label order."""
+    head_widths: dict[str, int] | None = None
+    """Cached features: the backbone's widths, so the worker builds the head alone."""
+    torch_threads: int = 1
+    """Intra-op threads: as many as the CPUs the worker reserved."""
 
 
 def _model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -112,6 +139,55 @@ class RayTrainSession:
 
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_dir_name)
 
+    def stop_diverged(self, message: str) -> None:
+        """End the run for good. A worker error would be retried from the last checkpoint
+        (``train.max_failures``) and diverge again, so every rank reports the reason and
+        returns; the driver raises it (:func:`raise_if_diverged`)."""
+        self.report({DIVERGED: message})
+
+
+DIVERGED = "diverged"
+"""The metric a run that diverged reports last: the message of its :class:`TrainingDiverged`."""
+
+
+def raise_if_diverged(result: Any) -> None:
+    """On the driver: raise the :class:`TrainingDiverged` a finished Ray Train run reported."""
+    if result.metrics and DIVERGED in result.metrics:
+        raise TrainingDiverged(result.metrics[DIVERGED])
+
+
+class LossWatch:
+    """The first step whose loss or gradient norm was not finite, and the last finite loss.
+
+    Kept on the loss's device with tensor ops, so a GPU step never waits for the host; the
+    ranks compare notes every :data:`DIVERGENCE_CHECK_EVERY` steps and at the epoch's end.
+    """
+
+    def __init__(self, device: torch.device):
+        self.bad_step = torch.full((), -1, dtype=torch.int64, device=device)
+        self.last_loss = torch.full((), float("nan"), dtype=torch.float32, device=device)
+        self.last_step = torch.full((), -1, dtype=torch.int64, device=device)
+
+    def observe(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> None:
+        finite = torch.isfinite(loss) if grad_norm is None else torch.isfinite(loss) & torch.isfinite(grad_norm)
+        healthy = self.bad_step < 0
+        self.bad_step = torch.where(healthy & ~finite, step, self.bad_step)
+        keep = healthy & finite
+        self.last_loss = torch.where(keep, loss.detach().float(), self.last_loss)
+        self.last_step = torch.where(keep, step, self.last_step)
+
+    def check(self, epoch: int, lr: float) -> None:
+        """Raise :class:`TrainingDiverged` on every rank when any rank saw a non-finite step."""
+        (any_bad,) = _all_reduce((self.bad_step >= 0).to(torch.int64), op="max")
+        if not any_bad.item():
+            return
+        bad, last_loss, last_step = int(self.bad_step), float(self.last_loss), int(self.last_step)
+        where = f"at step {bad}" if bad >= 0 else "on another worker"
+        raise TrainingDiverged(
+            f"training diverged in epoch {epoch + 1}: the loss or gradient norm became non-finite {where}; "
+            f"last finite loss {last_loss:.4g} at step {last_step} (learning rate {lr:.3g}). "
+            "Lower train.lr (and train.backbone_lr), lengthen train.warmup_ratio or keep train.max_grad_norm on.")
+
 
 @dataclass
 class WorkerRun:
@@ -133,11 +209,34 @@ class WorkerRun:
     progress: Reporter | None = None
     """Rank 0's line to the driver's console (steps and epoch lines); None on other ranks."""
     session: RayTrainSession = field(default_factory=RayTrainSession)
+    setup_s: float = 0.0
+    """Seconds :func:`setup_worker` took (model built, state restored, DDP): reported with the
+    first epoch this worker process runs, as part of a (re)started worker's time to first step."""
 
     def say(self, line: str) -> None:
         """A line for the user: printed by the driver when it shows progress, else here."""
         if self.progress is None or not self.progress.message(line):
             print(line, flush=True)
+
+    def lr(self) -> float:
+        """The highest learning rate in effect (the head's)."""
+        return max(self.scheduler.get_last_lr())
+
+
+def train_state(run: WorkerRun, epoch: int) -> dict[str, Any]:
+    """What a checkpoint holds besides the model: enough to resume exactly after ``epoch``."""
+    return {
+        "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(), "epoch": epoch,
+        "global_step": run.global_step, "rng": torch.get_rng_state(), "history": json.dumps(run.history),
+    }
+
+
+def restore_state(run: WorkerRun, state: dict[str, Any]) -> None:
+    """Position ``run`` after the checkpointed epoch (its weights, optimizer and schedule are
+    restored by :func:`setup_worker` before DDP wraps the model)."""
+    run.start_epoch, run.global_step = state["epoch"] + 1, state["global_step"]
+    run.history = json.loads(state["history"])
+    torch.set_rng_state(state["rng"])
 
 
 def _restored_state(model: torch.nn.Module, session: RayTrainSession) -> dict[str, Any] | None:
@@ -152,44 +251,41 @@ def _restored_state(model: torch.nn.Module, session: RayTrainSession) -> dict[st
         return torch.load(Path(directory) / TRAIN_STATE, map_location="cpu", weights_only=True)
 
 
-def setup_worker(loop: dict[str, Any], session: RayTrainSession | None = None) -> WorkerRun:
+def setup_worker(spec: WorkerSpec, session: RayTrainSession | None = None) -> WorkerRun:
     """Model on its device, optimizer and schedule (restored when resuming), DDP, loss.
 
-    On cached features (``loop["head_widths"]``) the model is the head alone: no backbone
+    On cached features (``spec.head_widths``) the model is the head alone: no backbone
     is built, and checkpoints hold the head (completed with its backbone on export).
     """
     from sgmft.models.sgmft import SGMFTHeadModel, build_model
     from sgmft.optim import build_optimization
 
+    started = time.monotonic()
     session = session or RayTrainSession()
-    cfg: Config = config_from_dict(loop["config"])
+    cfg = spec.config
     rank, world = session.rank_world()
-    torch.set_num_threads(loop["torch_threads"])
+    torch.set_num_threads(spec.torch_threads)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     device = session.device()
-    steps_per_epoch = loop["train_rows"] // world // cfg.data.batch_size
+    steps_per_epoch = spec.train_rows // world // cfg.data.batch_size
     if steps_per_epoch < 1:
-        raise ValueError(f"{loop['train_rows']} training rows give no full batch of {cfg.data.batch_size} per worker on {world} workers")
+        raise ValueError(f"{spec.train_rows} training rows give no full batch of {cfg.data.batch_size} per worker on {world} workers")
     total_updates = math.ceil(steps_per_epoch / cfg.train.grad_accum_steps) * cfg.train.epochs
 
-    if loop.get("head_widths"):
-        model = SGMFTHeadModel(cfg.model, **loop["head_widths"])
-    else:
-        model = build_model(cfg.model, load_pretrained=True)
+    model = SGMFTHeadModel(cfg.model, **spec.head_widths) if spec.head_widths else build_model(cfg.model, load_pretrained=True)
     state = _restored_state(model, session)
     optimizer, scheduler = build_optimization(model, cfg.train, device, total_updates, state)
-    weights = torch.tensor(loop["class_weights"], dtype=torch.float32, device=device) if loop["class_weights"] else None
-    run = WorkerRun(cfg=cfg, labels=loop["labels"], rank=rank, world=world, device=device,
+    weights = torch.tensor(spec.class_weights, dtype=torch.float32, device=device) if spec.class_weights else None
+    run = WorkerRun(cfg=cfg, labels=spec.labels, rank=rank, world=world, device=device,
                     model=session.prepare_model(model), optimizer=optimizer, scheduler=scheduler,
                     loss_fn=torch.nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.train.label_smoothing),
-                    steps_per_epoch=steps_per_epoch, progress=Reporter(loop["run_dir"]) if rank == 0 else None,
+                    steps_per_epoch=steps_per_epoch, progress=Reporter(spec.run_dir) if rank == 0 else None,
                     session=session)
     if state is not None:
-        run.start_epoch, run.global_step = state["epoch"] + 1, state["global_step"]
-        run.history = json.loads(state["history"])
-        torch.set_rng_state(state["rng"])
+        restore_state(run, state)
         if rank == 0:
             run.say(f"resumed from epoch {state['epoch'] + 1} (step {run.global_step})")
+    run.setup_s = time.monotonic() - started
     return run
 
 
@@ -199,12 +295,57 @@ def _accumulation_divisor(step: int, steps_per_epoch: int, accum: int) -> int:
     return min(accum, steps_per_epoch - group_start)
 
 
-def train_epoch(run: WorkerRun, shard, epoch: int, marker: Path) -> tuple[float, int, float, float]:
-    """One epoch of equal-length steps: (loss sum, samples, seconds waiting for data, seconds)."""
+def train_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], loss_fn: torch.nn.Module,
+               optimizer: torch.optim.Optimizer, scheduler: Any, *, autocast: Any, max_grad_norm: float,
+               loss_scale: float = 1.0, update: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One training step of SG-MFT: forward, loss, backward and, when ``update``, gradient
+    clipping, the optimizer and the schedule. Returns the (detached) loss and, after an
+    update, the gradient norm before clipping; neither is read back to the host here.
+
+    ``loss_scale`` divides the loss of a micro-batch under gradient accumulation, whose
+    non-final steps pass ``update=False`` (and run under DDP's ``no_sync``).
+    """
+    with autocast:
+        logits = model(**_model_inputs(batch)).logits
+        loss = loss_fn(logits.float(), batch["label_id"])
+    (loss / loss_scale).backward()
+    grad_norm = None
+    if update:
+        # inf disables clipping but still measures the norm the epoch line reports
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm or math.inf)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    return loss.detach(), grad_norm
+
+
+@dataclass
+class EpochStats:
+    """One worker's sums over an epoch, all-reduced into the epoch's metrics."""
+
+    loss_sum: float = 0.0
+    seen: int = 0
+    wait_s: float = 0.0
+    seconds: float = 0.0
+    grad_norm_sum: float = 0.0
+    updates: int = 0
+    first_step_s: float = 0.0
+    """The epoch's first step, data wait included: where a new worker's CUDA context, kernel
+    loading and first allocations land."""
+
+    def tensor(self, device: torch.device) -> torch.Tensor:
+        return torch.tensor([self.loss_sum, self.seen, self.wait_s, self.seconds, self.grad_norm_sum, self.updates,
+                             self.first_step_s], dtype=torch.float64, device=device)
+
+
+def train_epoch(run: WorkerRun, shard, epoch: int, marker: Path) -> EpochStats:
+    """One epoch of equal-length steps; stops with :class:`TrainingDiverged` on a non-finite step."""
     cfg, model = run.cfg, run.model
     torch.manual_seed(cfg.train.seed * 1000 + epoch * 10 + run.rank)  # dropout RNG: the same on resume
     model.train()
-    started, wait_time, loss_sum, seen = time.monotonic(), 0.0, 0.0, 0
+    stats, started = EpochStats(), time.monotonic()
+    loss_sum, grad_sum = torch.zeros((), device=run.device), torch.zeros((), device=run.device)
+    watch = LossWatch(run.device)
     batches = iter(_batches(shard, cfg, epoch, run.device, shuffle=True))
     accum = cfg.train.grad_accum_steps
     # posts across all ranks (every rank runs the same steps of the same batch size)
@@ -214,28 +355,34 @@ def train_epoch(run: WorkerRun, shard, epoch: int, marker: Path) -> tuple[float,
     for step in range(run.steps_per_epoch):
         fetch = time.monotonic()
         batch = next(batches)
-        wait_time += time.monotonic() - fetch
+        stats.wait_s += time.monotonic() - fetch
         _maybe_fail(cfg, run.rank, run.global_step, marker)
-        sync = (step + 1) % accum == 0 or step + 1 == run.steps_per_epoch
-        context = model.no_sync() if (not sync and hasattr(model, "no_sync")) else contextlib.nullcontext()
-        with context, _autocast(cfg, run.device):
-            logits = model(**_model_inputs(batch)).logits
-            loss = run.loss_fn(logits.float(), batch["label_id"])
-        (loss / _accumulation_divisor(step, run.steps_per_epoch, accum)).backward()
-        if sync:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
-            run.optimizer.step()
-            run.scheduler.step()
-            run.optimizer.zero_grad(set_to_none=True)
-        loss_sum += loss.detach() * len(batch["label_id"])
-        seen += len(batch["label_id"])
+        update = (step + 1) % accum == 0 or step + 1 == run.steps_per_epoch
+        context = model.no_sync() if (not update and hasattr(model, "no_sync")) else contextlib.nullcontext()
+        with context:
+            loss, grad_norm = train_step(model, batch, run.loss_fn, run.optimizer, run.scheduler,
+                                         autocast=_autocast(cfg, run.device), max_grad_norm=cfg.train.max_grad_norm,
+                                         loss_scale=_accumulation_divisor(step, run.steps_per_epoch, accum), update=update)
+        watch.observe(run.global_step, loss, grad_norm)
+        loss_sum += loss * len(batch["label_id"])
+        if grad_norm is not None:
+            grad_sum += grad_norm.float()
+            stats.updates += 1
+        stats.seen += len(batch["label_id"])
         run.global_step += 1
+        if step == 0:
+            stats.first_step_s = time.monotonic() - started
+        if (step + 1) % DIVERGENCE_CHECK_EVERY == 0:
+            watch.check(epoch, run.lr())
         if run.progress:
             run.progress.update((step + 1) * per_step, run.steps_per_epoch * per_step, desc)
+    watch.check(epoch, run.lr())
     for _ in batches:  # drain what equal splitting left over so the iterator closes cleanly
         pass
     # one host sync per epoch, not per step: .item() in the loop would stall the GPU queue
-    return float(loss_sum), seen, wait_time, time.monotonic() - started
+    stats.loss_sum, stats.grad_norm_sum = float(loss_sum), float(grad_sum)
+    stats.seconds = time.monotonic() - started
+    return stats
 
 
 def validation_matrix(run: WorkerRun, shard, epoch: int) -> torch.Tensor:
@@ -250,33 +397,56 @@ def validation_matrix(run: WorkerRun, shard, epoch: int) -> torch.Tensor:
     return matrix.view(n, n)
 
 
-def _all_reduce(*tensors: torch.Tensor) -> list[torch.Tensor]:
+def _all_reduce(*tensors: torch.Tensor, op: str = "sum") -> list[torch.Tensor]:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         for tensor in tensors:
-            dist.all_reduce(tensor)
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     return [t.cpu() for t in tensors]
 
 
-def epoch_metrics(run: WorkerRun, epoch: int, train_stats: tuple[float, int, float, float],
-                  matrix: torch.Tensor) -> tuple[dict[str, Any], dict[str, Any]]:
+def collapsed_to(matrix: Any, labels: list[str]) -> str | None:
+    """The one label every validation prediction went to, when a model predicts nothing else."""
+    predicted = [i for i, count in enumerate(matrix.sum(axis=0).tolist()) if count > 0]
+    return labels[predicted[0]] if len(labels) > 1 and len(predicted) == 1 and matrix.sum() > 1 else None
+
+
+def epoch_metrics(run: WorkerRun, epoch: int, stats: EpochStats, matrix: torch.Tensor) -> tuple[dict[str, Any], dict[str, Any]]:
     """Metrics summed over every rank, and the validation report."""
-    totals = torch.tensor(train_stats, dtype=torch.float64, device=run.device)
-    matrix, totals = _all_reduce(matrix, totals)
+    matrix, totals = _all_reduce(matrix, stats.tensor(run.device))
     report = classification_report(matrix.numpy(), run.labels)
-    loss_sum, seen, wait_time, train_time = totals.tolist()
+    loss_sum, seen, wait_s, seconds, grad_sum, updates, first_step_s = totals.tolist()
+    seconds, first_step_s = seconds / run.world, first_step_s / run.world  # per worker: they run side by side
+    first_batch = run.cfg.data.batch_size * run.world
     metrics = {
         "epoch": epoch + 1,
         "train_loss": loss_sum / max(seen, 1),
         "val_accuracy": report["accuracy"],
         "val_macro_f1": report["macro_f1"],
-        "samples_per_s": seen / (train_time / run.world),
-        "data_wait_share": wait_time / max(train_time, 1e-9),
+        "samples_per_s": seen / seconds,
+        "steady_samples_per_s": (seen - first_batch) / (seconds - first_step_s) if seen > first_batch else seen / seconds,
+        "first_step_s": first_step_s,
+        "setup_s": run.setup_s if epoch == run.start_epoch else 0.0,
+        "data_wait_share": wait_s / max(seconds * run.world, 1e-9),
+        "grad_norm": grad_sum / max(updates, 1),
+        "lr": run.lr(),
+        "collapsed": collapsed_to(matrix.numpy(), run.labels),
         "global_step": run.global_step,
         **{f"val_f1/{label}": v["f1"] for label, v in report["per_class"].items()},
     }
     return metrics, report
+
+
+def epoch_line(metrics: dict[str, Any], epochs: int, eta_s: float) -> str:
+    """The console's line for an epoch, with a warning when the model predicts one class."""
+    line = (f"epoch {metrics['epoch']}/{epochs}  loss {metrics['train_loss']:.4f}  "
+            f"val acc {metrics['val_accuracy']:.3f}  macro-F1 {metrics['val_macro_f1']:.3f}  "
+            f"grad norm {metrics['grad_norm']:.3g}  lr {metrics['lr']:.2e}  "
+            f"{metrics['samples_per_s']:.1f} samples/s  data wait {metrics['data_wait_share']:.0%}  ETA {eta_s:.0f}s")
+    if metrics["collapsed"] is not None:
+        line += f"\n  warning: every validation post was predicted as {metrics['collapsed']!r} (the model has collapsed to one class)"
+    return line
 
 
 def report_epoch(run: WorkerRun, epoch: int, metrics: dict[str, Any], report: dict[str, Any], started: float) -> None:
@@ -287,38 +457,42 @@ def report_epoch(run: WorkerRun, epoch: int, metrics: dict[str, Any], report: di
         run.session.report(metrics, checkpoint=None)
         return
     elapsed = time.monotonic() - started
-    remaining = elapsed / (epoch + 1 - run.start_epoch) * (cfg.train.epochs - epoch - 1)
-    run.say(f"epoch {epoch + 1}/{cfg.train.epochs}  loss {metrics['train_loss']:.4f}  "
-            f"val acc {report['accuracy']:.3f}  macro-F1 {report['macro_f1']:.3f}  "
-            f"{metrics['samples_per_s']:.1f} samples/s  data wait {metrics['data_wait_share']:.0%}  ETA {remaining:.0f}s")
-    state = {
-        "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(), "epoch": epoch,
-        "global_step": run.global_step, "rng": torch.get_rng_state(), "history": json.dumps(run.history),
-    }
-    directory, ckpt = _save_checkpoint(run.model, cfg, run.labels, {**metrics, "val_report": report}, state)
+    run.say(epoch_line(metrics, cfg.train.epochs, elapsed / (epoch + 1 - run.start_epoch) * (cfg.train.epochs - epoch - 1)))
+    directory, ckpt = _save_checkpoint(run.model, cfg, run.labels, {**metrics, "val_report": report}, train_state(run, epoch))
     run.session.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch-{epoch + 1:04d}")
     shutil.rmtree(directory, ignore_errors=True)
 
 
-def train_loop_per_worker(loop: dict[str, Any], session: RayTrainSession | None = None) -> None:
-    """Runs on every Ray Train worker (or, with a :class:`sgmft.trials.TrialSession`, in a Tune trial)."""
-    run = setup_worker(loop, session)
+def run_worker(spec: WorkerSpec, session: RayTrainSession | None = None) -> None:
+    """What every Ray Train worker (or, with a :class:`sgmft.trials.TrialSession`, a Tune trial) runs."""
+    run = setup_worker(spec, session)
     train_shard, val_shard = run.session.dataset("train"), run.session.dataset("val")
-    marker = Path(loop["run_dir"]) / ".fail_once_done"
+    marker = Path(spec.run_dir) / ".fail_once_done"
     started = time.monotonic()
     for epoch in range(run.start_epoch, run.cfg.train.epochs):
-        stats = train_epoch(run, train_shard, epoch, marker)
+        try:
+            stats = train_epoch(run, train_shard, epoch, marker)
+        except TrainingDiverged as exc:
+            run.say(str(exc))
+            run.session.stop_diverged(str(exc))
+            return
         metrics, report = epoch_metrics(run, epoch, stats, validation_matrix(run, val_shard, epoch))
         report_epoch(run, epoch, metrics, report, started)
 
 
-def build_trainer(cfg: Config, datasets: dict, loop: dict, cpus_per_worker: float | None = None, run_config=None):
-    """A TorchTrainer for ``cfg``; Tune trials pass their own run_config and CPU share."""
+def train_loop_per_worker(loop_config: dict[str, WorkerSpec]) -> None:
+    """Ray Train's entry point: ``train_loop_config`` carries the :class:`WorkerSpec` as ``spec``."""
+    run_worker(loop_config["spec"])
+
+
+def build_trainer(spec: WorkerSpec, datasets: dict, cpus_per_worker: float | None = None, run_config=None):
+    """A TorchTrainer that runs :func:`run_worker` on ``spec``; Tune trials pass their own
+    run_config and CPU share."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    t = cfg.train
-    resources = worker_resources(cfg, cpus_per_worker)
+    t = spec.config.train
+    resources = worker_resources(spec.config, cpus_per_worker)
     run_config = run_config or RunConfig(
         name=t.run_name,
         storage_path=str(Path(t.storage_path).resolve()),
@@ -327,10 +501,10 @@ def build_trainer(cfg: Config, datasets: dict, loop: dict, cpus_per_worker: floa
                                            checkpoint_score_order=t.metric_mode),
     )
     # as many intra-op threads as CPUs reserved: more would fight the other workers and trials
-    loop = {**loop, "torch_threads": max(1, int(resources["CPU"]))}
+    spec = dataclasses.replace(spec, torch_threads=max(1, int(resources["CPU"])))
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop,
+        train_loop_config={"spec": spec},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),
         run_config=run_config,
         datasets=datasets,
