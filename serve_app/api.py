@@ -34,10 +34,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from sgmft.config import ServeConfig
+from sgmft.config import PAD_TOKEN_ID, ServeConfig
 from sgmft.data.labels import display_name
 from sgmft.data.preprocess import ImageDecodeError, PreprocessSpec, preprocess_batch, tokenize
-from sgmft.presets import PAD_TOKEN_ID
 from serve_app.auth import install_api_keys
 from serve_app.errors import ApiError, error_response, format_validation_errors, install_error_handlers
 from serve_app.metrics import NullMetrics

@@ -28,9 +28,8 @@ def register(commands: argparse._SubParsersAction) -> None:
 def serve_command(args: argparse.Namespace) -> int:
     import os
 
-    from sgmft.checkpoint import ModelDirError
+    from sgmft.checkpoint import ModelDirError, is_uri, resolve_source
     from sgmft.config import ConfigError
-    from sgmft.inference import is_uri, resolve_source
 
     cfg = config_from_args(args)
     if args.model:

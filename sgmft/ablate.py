@@ -23,6 +23,7 @@ import numpy as np
 from sgmft.cli_args import (add_config_args, add_verbose_arg, cluster_name, config_from_args, data_source, print_where,
                             progress_bars, ray_for_command, show_path)
 from sgmft.config import Config
+from sgmft.evaluate import per_case_accuracy
 
 # Each variant is a set of config overrides on top of the full model (the switches of docs/DESIGN.md).
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -59,7 +60,7 @@ class Predictions:
     probs: np.ndarray
     """(posts, classes) probabilities."""
     ok: np.ndarray
-    """False where the post's image failed to decode (then it counts as wrong)."""
+    """False where the post's image failed to decode: counted as failed, in no accuracy (as evaluate counts it)."""
     cases: np.ndarray
     """``meta_case`` per post (object), None where the dataset has no such column."""
 
@@ -78,22 +79,15 @@ class AblationOutcome:
     """What ``ablation.json`` holds: the rows, the summary with its intervals, how it was computed."""
 
 
-def predict_split(model_dir: str | Path, dataset_dir: str | Path, split: str = "test", batch_size: int = 64) -> Predictions:
-    """Probabilities of every post of ``split`` from a model directory, in this process."""
+def predict_split(model_dir: str | Path, dataset_dir: str | Path, split: str = "test") -> Predictions:
+    """Probabilities of every post of ``split`` from a model directory (:func:`sgmft.evaluate.split_predictions`)."""
     from sgmft.data.schema import load_labels
-    from sgmft.evaluate import CASE_COLUMN, split_predictions
+    from sgmft.evaluate import split_predictions
 
     index = {label: i for i, label in enumerate(load_labels(dataset_dir))}  # the model's order: checked equal
-    ids, labels, probs, ok, cases = [], [], [], [], []
-    for batch, out in split_predictions(model_dir, dataset_dir, split, batch_size):
-        ids += batch["post_id"].tolist()
-        labels += [index[label] for label in batch["label"]]
-        probs.append(out["probabilities"])
-        ok += (out["error"] == "").tolist()
-        cases += batch[CASE_COLUMN].tolist() if CASE_COLUMN in batch else [None] * len(out["error"])
-    order = np.argsort(np.asarray(ids, dtype=str), kind="stable")
-    return Predictions(np.asarray(ids, dtype=object)[order], np.asarray(labels, dtype=np.int64)[order],
-                       np.concatenate(probs)[order], np.asarray(ok, dtype=bool)[order], np.asarray(cases, dtype=object)[order])
+    columns = split_predictions(model_dir, dataset_dir, split)
+    return Predictions(columns["post_id"], np.array([index[label] for label in columns["label"]], dtype=np.int64),
+                       columns["probabilities"], columns["error"] == "", columns["case"])
 
 
 def late_fusion(text: Predictions, image: Predictions) -> Predictions:
@@ -117,25 +111,18 @@ def cross_modal(cases: np.ndarray) -> np.ndarray:
     return np.array([c in CROSS_MODAL_CASES for c in cases], dtype=bool)
 
 
-def _per_case(correct: np.ndarray, cases: np.ndarray) -> dict[str, dict[str, Any]]:
-    """``{case: {"accuracy", "n"}}`` in the order of :data:`sgmft.data.synth.CASES`, then by name."""
-    from sgmft.data.synth import CASES
-
-    found = {c for c in cases if c is not None}
-    order = [c for c in CASES if c in found] + sorted(found - set(CASES))
-    return {c: {"accuracy": float(correct[cases == c].mean()), "n": int((cases == c).sum())} for c in order}
-
-
 def trial_row(variant: str, seed: int, preds: Predictions, num_labels: int, val_accuracy: float | None = None) -> dict[str, Any]:
     """One table row: a variant's test accuracy, macro-F1, cross-modal and per-case accuracy at one seed."""
     from sgmft.metrics import classification_report, confusion_matrix
 
-    matrix = confusion_matrix(preds.labels[preds.ok], preds.probs[preds.ok].argmax(1), num_labels)
-    correct, cross = preds.correct, cross_modal(preds.cases)
-    return {"variant": variant, "seed": seed, "val_accuracy": val_accuracy, "test_accuracy": float(correct.mean()),
+    ok = preds.ok  # a post that failed to decode is counted as failed, as evaluate counts it
+    matrix = confusion_matrix(preds.labels[ok], preds.probs[ok].argmax(1), num_labels)
+    correct, cross = preds.correct, cross_modal(preds.cases) & ok
+    return {"variant": variant, "seed": seed, "val_accuracy": val_accuracy, "test_accuracy": float(correct[ok].mean()),
             "test_macro_f1": classification_report(matrix, [str(i) for i in range(num_labels)])["macro_f1"],
             "cross_modal_accuracy": float(correct[cross].mean()) if cross.any() else None,
-            "test_posts": len(correct), "per_case": _per_case(correct, preds.cases)}
+            "test_posts": int(ok.sum()), "failed_posts": int((~ok).sum()),
+            "per_case": per_case_accuracy(correct, ok, preds.cases)}
 
 
 def paired_bootstrap(correct: np.ndarray, reference: np.ndarray, resamples: int = RESAMPLES,
@@ -214,7 +201,7 @@ def build_report(trials: dict[tuple[str, int], Predictions], val_accuracy: dict[
     any_preds = next(iter(trials.values()))
     if any(not np.array_equal(p.post_ids, any_preds.post_ids) for p in trials.values()):
         raise ValueError("the trials predicted different test posts: the pairing by post needs the same test split")
-    cases = _per_case(any_preds.ok, any_preds.cases)  # only its counts are used
+    cases = per_case_accuracy(any_preds.ok, any_preds.ok, any_preds.cases)  # only its counts are used
     return {
         "variants": order, "seeds": sorted({s for _, s in trials}), "test_posts": len(any_preds.post_ids),
         "case_posts": {c: v["n"] for c, v in cases.items()}, "cross_modal_cases": list(CROSS_MODAL_CASES),

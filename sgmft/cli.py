@@ -8,16 +8,14 @@ Each command lives next to the code it runs (``sgmft.train``, ``sgmft.tune``, ..
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from typing import Callable
 
 from serve_app import cli as serve_cli
-from sgmft import ablate, evaluate, features, predict, train, tune
-from sgmft.cli_args import run_command
+from sgmft.cli_args import PIPELINE, run_command
+from sgmft.config import BACKBONE_PRESETS, BackboneConfig, choices
 from sgmft.data import cli as data_cli
-
-PIPELINE = (train, tune, features, ablate, evaluate, predict)
-"""The workflows whose commands ``ray job submit`` can run too (see ``jobs``), in --help order."""
 
 Command = Callable[[argparse.Namespace], int | None]
 
@@ -37,13 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     model = subcommands.add_parser("model", help="inspect model architectures").add_subparsers(dest="model_command", required=True)
     summary = model.add_parser("summary", help="parameters and forward FLOPs of backbone and head")
-    summary.add_argument("--preset", default="tiny")
-    summary.add_argument("--implementation", choices=["cn_clip", "hf"], default="cn_clip")
+    summary.add_argument("--implementation", choices=choices(BackboneConfig, "implementation"), default=BackboneConfig.implementation)
+    summary.add_argument("--preset", default=BackboneConfig.preset, help=f"one of {', '.join(BACKBONE_PRESETS)}")
     summary.set_defaults(func=_model_summary)
 
     data_cli.register(subcommands)
-    for workflow in PIPELINE:
-        workflow.add_commands(subcommands)
+    for name in PIPELINE:
+        importlib.import_module(f"sgmft.{name}").add_commands(subcommands)
     serve_cli.register(subcommands)
     return parser
 

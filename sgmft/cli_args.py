@@ -26,6 +26,12 @@ if TYPE_CHECKING:
     from sgmft.console import Console
 
 
+PIPELINE = ("train", "tune", "features", "ablate", "evaluate", "predict")
+"""The workflows (modules of ``sgmft``, each with its ``add_commands``) that ``ray job submit``
+can run too, in --help order: the one list that ``sgmft.cli`` and ``jobs``, the floor above
+the workflows, both read. Names rather than modules, so that this module imports none of them."""
+
+
 def add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML config file (defaults when omitted)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

@@ -1,4 +1,5 @@
-"""One typed configuration schema for train, tune, evaluate and serve.
+"""One typed configuration schema for train, tune, evaluate and serve, and the backbone
+presets it may name (their architectures, input sizes and head widths).
 
 Configs are dataclasses. YAML files and ``--set section.key=value`` overrides are
 checked against the dataclass types: an unknown key or a value of the wrong type
@@ -18,20 +19,103 @@ from typing import Any, Literal
 
 import yaml
 
+# --- backbone presets: every fact about them, torch-free ---------------------------------
+# Preprocessing, the models, the HTTP API and the config's checks read these; none of them
+# needs torch or cn_clip to know an image size, the pad token or which presets exist.
+
+PAD_TOKEN_ID = 0
+"""Token id of padding in the cn_clip vocabulary; positions holding it are masked."""
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+"""Chinese-CLIP's pixel normalisation, applied on the model's device to uint8 pixels."""
+
+
+@dataclass(frozen=True)
+class ReleasedPreset:
+    """A released cn_clip checkpoint: its architecture JSONs, input size and file name."""
+
+    vision_config: str
+    text_config: str
+    image_size: int
+    file_name: str
+
+
+RELEASED: dict[str, ReleasedPreset] = {
+    "ViT-B-16": ReleasedPreset("ViT-B-16", "RoBERTa-wwm-ext-base-chinese", 224, "clip_cn_vit-b-16.pt"),
+    "ViT-L-14": ReleasedPreset("ViT-L-14", "RoBERTa-wwm-ext-base-chinese", 224, "clip_cn_vit-l-14.pt"),
+    "ViT-L-14-336": ReleasedPreset("ViT-L-14-336", "RoBERTa-wwm-ext-base-chinese", 336, "clip_cn_vit-l-14-336.pt"),
+    "ViT-H-14": ReleasedPreset("ViT-H-14", "RoBERTa-wwm-ext-large-chinese", 224, "clip_cn_vit-h-14.pt"),
+    "RN50": ReleasedPreset("RN50", "RBT3-chinese", 224, "clip_cn_rn50.pt"),
+}
+
+
+def _text_arch(hidden: int, layers: int, heads: int, dropout: float) -> dict[str, Any]:
+    return {
+        "vocab_size": 21128,  # the cn_clip vocabulary
+        "text_attention_probs_dropout_prob": dropout,
+        "text_hidden_act": "gelu",
+        "text_hidden_dropout_prob": dropout,
+        "text_hidden_size": hidden,
+        "text_initializer_range": 0.02,
+        "text_intermediate_size": hidden * 4,
+        "text_max_position_embeddings": 512,
+        "text_num_attention_heads": heads,
+        "text_num_hidden_layers": layers,
+        "text_type_vocab_size": 2,
+    }
+
+
+CUSTOM: dict[str, dict[str, Any]] = {
+    # Random-init presets for CPU: `tiny` for tests and the demo, `small` for benchmarks.
+    "tiny": {
+        "embed_dim": 64, "image_resolution": 32, "vision_layers": 2, "vision_width": 64,
+        "vision_patch_size": 8, "vision_head_width": 32, **_text_arch(64, 2, 2, 0.0),
+    },
+    "small": {
+        "embed_dim": 256, "image_resolution": 112, "vision_layers": 4, "vision_width": 256,
+        "vision_patch_size": 16, "vision_head_width": 64, **_text_arch(256, 4, 4, 0.1),
+    },
+}
+
+
 HEAD_WIDTH: dict[str, tuple[int, int]] = {
     # SG-MFT head width and attention heads per backbone preset (D=512, 8 heads at ViT-B-16).
-    # Its keys are the presets a config may name; sgmft.presets describes each of them
-    # (tests/test_config.py holds the two to the same names).
     "tiny": (64, 4), "small": (256, 4), "ViT-B-16": (512, 8), "ViT-L-14": (768, 12),
     "ViT-L-14-336": (768, 12), "ViT-H-14": (1024, 16), "RN50": (512, 8),
 }
-BACKBONE_PRESETS: tuple[str, ...] = tuple(HEAD_WIDTH)
+BACKBONE_PRESETS: tuple[str, ...] = (*CUSTOM, *RELEASED)
+"""The presets a config may name: the random-init ones, then the released architectures."""
+if set(HEAD_WIDTH) != set(BACKBONE_PRESETS):
+    raise ImportError(f"sgmft.config: presets {sorted(set(HEAD_WIDTH) ^ set(BACKBONE_PRESETS))} lack a head width or an architecture")
+
+
+def check_preset(preset: str) -> str:
+    if preset not in HEAD_WIDTH:
+        raise ValueError(f"unknown backbone preset {preset!r}; known: {list(BACKBONE_PRESETS)}")
+    return preset
+
+
+def image_size_of(preset: str) -> int:
+    """The square input resolution of a preset's vision tower."""
+    check_preset(preset)
+    if preset in CUSTOM:
+        return int(CUSTOM[preset]["image_resolution"])
+    return RELEASED[preset].image_size
+
+
+PREDICT_BATCH_SIZE = 64
+"""Posts per forward when a model runs over a dataset: batch prediction, evaluation, feature caching."""
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 class ConfigError(ValueError):
     """A configuration value is unknown, missing or of the wrong type."""
+
+
+def choices(section: type, name: str) -> tuple[Any, ...]:
+    """The values a ``Literal`` field of a config section allows, e.g. for a command line's choices."""
+    return typing.get_args(typing.get_type_hints(section)[name])
 
 
 @dataclass

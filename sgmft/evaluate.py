@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from sgmft.cli_args import add_verbose_arg, check_inputs, print_where, progress_bars, ray_for_command, show_path
+from sgmft.config import PREDICT_BATCH_SIZE
 from sgmft.metrics import classification_report, confusion_matrix
 
 
@@ -40,21 +41,25 @@ def plot_confusion(matrix: np.ndarray, labels: list[str], path: Path, title: str
 
 
 CASE_COLUMN = "meta_case"
+PREDICTION_COLUMNS = ("post_id", "label", "predicted_label", "probabilities", "error")
 
 
-def per_case_accuracy(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """``{case: {"accuracy", "n"}}`` over the rows that decoded, for rows with a ``case``.
+def per_case_accuracy(correct: np.ndarray, ok: np.ndarray, cases: np.ndarray) -> dict[str, dict[str, Any]]:
+    """``{case: {"accuracy", "n"}}`` over the posts that decoded (``ok``); a post that failed
+    to decode is neither right nor wrong: reports count it as failed.
 
-    Cases are in the order of :data:`sgmft.data.synth.CASES`, then any others by name.
+    Posts whose case is None are left out. Cases are in the order of
+    :data:`sgmft.data.synth.CASES`, then any others by name.
     """
     from sgmft.data.synth import CASES
 
-    hits: dict[str, list[bool]] = {}
-    for r in rows:
-        if r.get("case") is not None and not r["error"]:
-            hits.setdefault(r["case"], []).append(r["predicted_label"] == r["label"])
-    order = [c for c in CASES if c in hits] + sorted(c for c in hits if c not in CASES)
-    return {c: {"accuracy": float(np.mean(hits[c])), "n": len(hits[c])} for c in order}
+    found = {c for c in cases[ok] if c is not None}
+    order = [c for c in CASES if c in found] + sorted(found - set(CASES))
+    per_case = {}
+    for case in order:
+        mine = ok & (cases == case)
+        per_case[case] = {"accuracy": float(correct[mine].mean()), "n": int(mine.sum())}
+    return per_case
 
 
 def format_per_case(per_case: dict[str, dict[str, Any]]) -> str:
@@ -65,17 +70,20 @@ def format_per_case(per_case: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _report(labels: list[str], rows: list[dict[str, Any]], split: str) -> dict[str, Any]:
-    """Totals, per-class figures and the confusion matrix; ``per_case`` when rows carry a ``case``."""
-    failed = [r for r in rows if r["error"]]
-    good = [r for r in rows if not r["error"]]
+def _report(labels: list[str], columns: dict[str, np.ndarray], split: str) -> dict[str, Any]:
+    """Totals, per-class figures and the confusion matrix of :func:`split_predictions`' columns;
+    ``per_case`` when posts have a case."""
+    ok = columns["error"] == ""
     index = {label: i for i, label in enumerate(labels)}
-    matrix = confusion_matrix(np.array([index[r["label"]] for r in good], dtype=np.int64),
-                              np.array([index[r["predicted_label"]] for r in good], dtype=np.int64), len(labels))
-    report = classification_report(matrix, labels)
-    report.update({"split": split, "labels": labels, "failed": len(failed), "failed_examples": [r["error"] for r in failed[:10]]})
-    if any(r.get("case") is not None for r in rows):
-        report["per_case"] = per_case_accuracy(rows)
+    truth = np.array([index[label] for label in columns["label"][ok]], dtype=np.int64)
+    predicted = np.array([index[label] for label in columns["predicted_label"][ok]], dtype=np.int64)
+    report = classification_report(confusion_matrix(truth, predicted, len(labels)), labels)
+    failed = columns["error"][~ok]
+    report.update({"split": split, "labels": labels, "failed": len(failed), "failed_examples": failed[:10].tolist()})
+    cases = columns["case"]
+    if any(c is not None for c in cases):
+        correct = np.array([p == t for p, t in zip(columns["predicted_label"], columns["label"])], dtype=bool)
+        report["per_case"] = per_case_accuracy(correct, ok, cases)
     return report
 
 
@@ -103,10 +111,41 @@ def _check_labels(model_labels: list[str], model_dir: str | Path, dataset_dir: s
     return list(model_labels)
 
 
-def split_predictions(model_dir: str | Path, dataset_dir: str | Path, split: str = "test",
-                      batch_size: int = 64) -> Iterator[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
-    """Each batch of ``split`` (with its ``meta_case`` column where the dataset has one) and the
-    model's output for it, computed in this process; the two label sets must agree."""
+def split_predictions(model_dir: str | Path, dataset_dir: str | Path, split: str = "test", *, in_process: bool = False,
+                      **predict_kwargs: Any) -> dict[str, np.ndarray]:
+    """Every post of ``split`` with the model's output, as columns sorted by post id: ``post_id``,
+    ``label``, ``predicted_label``, ``probabilities``, ``error`` ("" where the post decoded) and
+    ``case`` (its ``meta_case``, None where the dataset has none). The model's and the
+    dataset's label sets must agree.
+
+    Predicted by a Ray Data actor pool (:func:`sgmft.inference.predictions`, which takes
+    ``predict_kwargs``); ``in_process``: by the runner in this process, with no Ray (small
+    splits and the tests that start none), ``batch_size`` the one keyword it takes.
+    """
+    from sgmft.checkpoint import check_model_dir
+
+    _check_labels(check_model_dir(model_dir)[1], model_dir, dataset_dir)
+    predict = _predict_in_process if in_process else _predict_on_ray_data
+    batches = list(predict(model_dir, dataset_dir, split, **predict_kwargs))
+    if not batches:
+        raise ValueError(f"the {split} split of {dataset_dir} has no posts")
+    columns = {name: np.concatenate([batch[name] for batch in batches]) for name in PREDICTION_COLUMNS}
+    cases = _cases(dataset_dir, split) or {}  # predictions carry post ids, not meta columns
+    columns["case"] = np.array([cases.get(post_id) for post_id in columns["post_id"]], dtype=object)
+    order = np.argsort(columns["post_id"].astype(str), kind="stable")
+    return {name: column[order] for name, column in columns.items()}
+
+
+def _predict_on_ray_data(model_dir: str | Path, dataset_dir: str | Path, split: str,
+                         **predict_kwargs: Any) -> Iterator[dict[str, np.ndarray]]:
+    from sgmft.inference import predictions
+
+    ds, _ = predictions(model_dir, dataset_dir, split, **predict_kwargs)
+    yield from ds.select_columns(list(PREDICTION_COLUMNS)).iter_batches(batch_format="numpy", batch_size=None)
+
+
+def _predict_in_process(model_dir: str | Path, dataset_dir: str | Path, split: str,
+                        batch_size: int = PREDICT_BATCH_SIZE) -> Iterator[dict[str, np.ndarray]]:
     import pyarrow.parquet as pq
 
     from sgmft.data.schema import split_files
@@ -114,49 +153,29 @@ def split_predictions(model_dir: str | Path, dataset_dir: str | Path, split: str
 
     runner = InferenceRunner(model_dir)
     try:
-        _check_labels(runner.labels, model_dir, dataset_dir)
         for path in split_files(dataset_dir, split):
-            file = pq.ParquetFile(path)
-            columns = ["post_id", "text", "image", "label"] + ([CASE_COLUMN] if CASE_COLUMN in file.schema_arrow.names else [])
-            for record_batch in file.iter_batches(batch_size=batch_size, columns=columns):
-                batch = {name: np.asarray(record_batch.column(name).to_pylist(), dtype=object) for name in record_batch.schema.names}
-                yield batch, runner.predict_batch(batch)
+            for rows in pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=["post_id", "text", "image", "label"]):
+                yield runner.predict_batch({name: np.asarray(rows.column(name).to_pylist(), dtype=object)
+                                            for name in rows.schema.names})
     finally:
         runner.close()
 
 
-def evaluate_local(model_dir: str | Path, dataset_dir: str | Path, split: str = "test", batch_size: int = 64) -> dict[str, Any]:
-    """The same report computed in this process (small splits, no files written)."""
-    from sgmft.data.schema import load_labels
-
-    rows: list[dict[str, Any]] = []
-    for batch, out in split_predictions(model_dir, dataset_dir, split, batch_size):
-        cases = batch.get(CASE_COLUMN, [None] * len(out["error"]))
-        rows += [{"label": l, "predicted_label": p, "error": e, "case": c}
-                 for l, p, e, c in zip(out["label"], out["predicted_label"], out["error"], cases)]
-    return _report(load_labels(dataset_dir), rows, split)  # the model's labels: split_predictions checked
-
-
 def evaluate(model_dir: str | Path, dataset_dir: str | Path, split: str = "test", out_dir: str | Path | None = None,
-             **predict_kwargs: Any) -> dict[str, Any]:
+             *, in_process: bool = False, **predict_kwargs: Any) -> dict[str, Any]:
     """Accuracy, macro-F1, per-class P/R/F1 and the confusion matrix of ``split``.
 
     Written to ``out_dir`` (default: the model directory) as ``eval-{split}.json`` and
     ``confusion-{split}.png``. Rows whose image fails to decode are counted, not hidden.
     With a ``meta_case`` column in the dataset the report has ``per_case``:
-    ``{case: {"accuracy", "n"}}`` over the posts that decoded.
+    ``{case: {"accuracy", "n"}}`` over the posts that decoded. ``in_process`` and
+    ``predict_kwargs``: how the split is predicted (:func:`split_predictions`).
     """
     from sgmft.checkpoint import check_model_dir
-    from sgmft.inference import predictions
 
     model_dir = Path(model_dir)
-    labels = _check_labels(check_model_dir(model_dir)[1], model_dir, dataset_dir)
-    ds, _ = predictions(model_dir, dataset_dir, split, **predict_kwargs)
-    rows = ds.select_columns(["post_id", "label", "predicted_label", "error"]).take_all()
-    cases = _cases(dataset_dir, split)  # predictions carry post ids, not meta columns
-    if cases is not None:
-        rows = [{**r, "case": cases.get(r["post_id"])} for r in rows]
-    report = _report(labels, rows, split)
+    labels = check_model_dir(model_dir)[1]
+    report = _report(labels, split_predictions(model_dir, dataset_dir, split, in_process=in_process, **predict_kwargs), split)
     out = Path(out_dir) if out_dir else model_dir
     out.mkdir(parents=True, exist_ok=True)
     (out / f"eval-{split}.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))

@@ -22,7 +22,7 @@ import torch
 from sgmft import progress
 from sgmft.cli_args import (add_verbose_arg, config_from_args, log_dir_beside, print_where, progress_bars,
                             ray_for_command, show_path)
-from sgmft.config import BackboneConfig, Config
+from sgmft.config import PREDICT_BATCH_SIZE, BackboneConfig, Config
 from sgmft.data.schema import feature_split_dir
 from sgmft.feature_cache import MANIFEST, widths_from_shards
 from sgmft.inference import autocast, default_device, to_device
@@ -66,7 +66,7 @@ def _preprocess_with_split(batch: dict[str, np.ndarray], spec) -> dict[str, np.n
 
 
 def cache_features(cfg: Config, dataset_dir: str | Path, out_dir: str | Path, *, concurrency: int = 1,
-                   batch_size: int = 64, num_gpus: float = 0.0, overwrite: bool = False) -> dict[str, Any]:
+                   batch_size: int = PREDICT_BATCH_SIZE, num_gpus: float = 0.0, overwrite: bool = False) -> dict[str, Any]:
     """Compute backbone features for every split of ``dataset_dir`` into ``out_dir``."""
     import pyarrow.parquet as pq
     import ray

@@ -7,8 +7,8 @@ batch prediction writes out and evaluation scores), imports Ray when called.
 
 A model directory is a local path or a URI that ``pyarrow.fs`` understands (``s3://``,
 ``gs://``, ``abfs://``, ``hdfs://``, ``file://``). Remote directories are copied (model
-files only) to a local temporary directory first; loading then reads safetensors and
-JSON only, never a pickle.
+files only, :func:`sgmft.checkpoint.fetch_model_dir`) to a local temporary directory first;
+loading then reads safetensors and JSON only, never a pickle.
 """
 
 from __future__ import annotations
@@ -19,21 +19,17 @@ import tempfile
 import threading
 import warnings
 from collections.abc import Sequence
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from sgmft import progress
-from sgmft.checkpoint import CONFIG, LABELS, METRICS, WEIGHTS, ModelDirError, check_model_dir
-from sgmft.config import config_to_dict
+from sgmft.checkpoint import check_model_dir, fetch_model_dir, is_uri
+from sgmft.config import CLIP_MEAN, CLIP_STD, PREDICT_BATCH_SIZE, config_to_dict
 from sgmft.data.preprocess import PreprocessSpec, preprocess_batch
 from sgmft.models.sgmft import LoadedModel, load_model_dir
-from sgmft.presets import CLIP_MEAN, CLIP_STD
-
-REQUIRED_FILES = (WEIGHTS, CONFIG, LABELS)
-OPTIONAL_FILES = (METRICS,)
 
 
 def default_device() -> torch.device:
@@ -59,45 +55,6 @@ def host_tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
 def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
     """A host array on ``device``: pinned and copied without blocking when that is a GPU."""
     return host_tensor(array, device).to(device, non_blocking=device.type == "cuda")
-
-
-def is_uri(source: str) -> bool:
-    return "://" in str(source)
-
-
-def resolve_source(source: str) -> str:
-    """A URI as is; a local path made absolute (replicas and actors do not share the caller's cwd)."""
-    if not source:
-        raise ModelDirError("no model directory given (serve.model_dir is empty)")
-    return source if is_uri(source) else str(Path(source).expanduser().resolve())
-
-
-def fetch_model_dir(uri: str, destination: Path) -> Path:
-    """Copy the model files of ``uri`` into ``destination/<basename>``; return that directory.
-
-    The copy keeps the directory's name, so a model's version (its ``metrics.json``
-    ``version``, or else its directory name) is the same whether loaded locally or remotely.
-    """
-    import pyarrow.fs as pafs
-
-    try:
-        fs, path = pafs.FileSystem.from_uri(uri)
-    except Exception as exc:  # pyarrow raises several types for unknown schemes and bad URIs
-        raise ModelDirError(f"cannot open model URI {uri!r}: {exc}") from exc
-    if fs.get_file_info(path).type != pafs.FileType.Directory:
-        raise ModelDirError(f"model URI {uri!r} is not a directory")
-    path = path.rstrip("/")
-    local = destination / (PurePosixPath(path).name or "model")
-    local.mkdir(parents=True)
-    # Only the model files: a training run's directory may also hold optimizer state and logs.
-    for name in (*REQUIRED_FILES, *OPTIONAL_FILES):
-        remote = f"{path}/{name}"
-        if fs.get_file_info(remote).type != pafs.FileType.File:
-            if name in REQUIRED_FILES:
-                raise ModelDirError(f"model URI {uri!r} is not a model directory: {name} is missing")
-            continue
-        pafs.copy_files(remote, str(local / name), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-    return local
 
 
 def batch_buckets(max_batch_size: int) -> tuple[int, ...]:
@@ -257,7 +214,7 @@ class _RayPredictor:
         return out
 
 
-def predictions(model_dir: str | Path, data: str | Path, split: str | None = None, *, batch_size: int = 64,
+def predictions(model_dir: str | Path, data: str | Path, split: str | None = None, *, batch_size: int = PREDICT_BATCH_SIZE,
                 concurrency: int = 1, num_gpus: float = 0.0, num_cpus: float = 1.0):
     """A lazy Ray dataset of predictions, one row per input row."""
     import ray

@@ -14,6 +14,7 @@ from typing import Any
 
 from sgmft.cli_args import (add_verbose_arg, check_inputs, log_dir_beside, print_where, progress_bars, ray_for_command,
                             show_path)
+from sgmft.config import PREDICT_BATCH_SIZE
 from sgmft.inference import predictions
 
 
@@ -75,7 +76,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--split")
     parser.add_argument("--out")
     parser.add_argument("--concurrency", type=int, default=1)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=PREDICT_BATCH_SIZE)
     parser.add_argument("--num-gpus", type=float, default=0.0)
     add_verbose_arg(parser)
     parser.set_defaults(func=cmd_predict)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sgmft.checkpoint import CONFIG, METRICS, TRAIN_FILES, TRAIN_STATE, WEIGHTS
+from sgmft.checkpoint import CONFIG, METRICS, TRAIN_FILES, TRAIN_STATE, WEIGHTS, staged_model_dir
 from sgmft.config import Config, config_from_dict
 from sgmft.data.schema import label_counts, load_labels, shard_files, split_rows
 from sgmft.feature_cache import FeatureCacheError, check_cache, feature_widths
@@ -193,9 +192,7 @@ def export_best(result: Any, cfg: Config, destination: Path) -> tuple[Path, dict
     latest = result.checkpoint or max(_kept_checkpoints(result), key=lambda cm: cm[1]["epoch"])[0]
     with latest.as_directory() as directory:
         history = json.loads(torch.load(Path(directory) / TRAIN_STATE, weights_only=True)["history"])
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=destination.parent))
-    try:
+    with staged_model_dir(destination) as staging:
         with best_ckpt.as_directory() as directory:
             for name in TRAIN_FILES:
                 shutil.copy2(Path(directory) / name, staging / name)
@@ -204,12 +201,6 @@ def export_best(result: Any, cfg: Config, destination: Path) -> tuple[Path, dict
         metrics = json.loads((staging / METRICS).read_text())
         metrics.update({"version": f"{cfg.train.run_name}-epoch{best_metrics['epoch']}", "history": history})
         (staging / METRICS).write_text(json.dumps(metrics, indent=2, ensure_ascii=False))
-        if destination.exists():
-            shutil.rmtree(destination)
-        staging.rename(destination)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return destination, best_metrics, history
 
 

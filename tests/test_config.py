@@ -86,10 +86,16 @@ def _leaves(values, prefix=()):
             yield prefix + (key,), value
 
 
-def test_config_names_every_preset_that_presets_describes():
-    """The config schema (which presets a config may name, their head widths) and
-    sgmft.presets (how each is built) keep a preset list each, so neither imports the other."""
-    from sgmft.config import BACKBONE_PRESETS
-    from sgmft.presets import CUSTOM, RELEASED
+def test_every_preset_a_config_may_name_has_a_head_width_and_an_input_size():
+    """The presets live in one table (sgmft.config): each one a config accepts is buildable."""
+    from sgmft.cli import build_parser
+    from sgmft.config import BACKBONE_PRESETS, image_size_of, model_config_for
 
-    assert list(BACKBONE_PRESETS) == [*CUSTOM, *RELEASED]
+    for preset in BACKBONE_PRESETS:
+        assert model_config_for(preset).backbone.preset == preset and image_size_of(preset) > 0
+    with pytest.raises(ConfigError, match="ViT-B-16"):
+        load_config(None, ["model.backbone.preset=ViT-Z-99"])
+    # the command line offers what the config allows, read from the same place
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["model", "summary", "--implementation", "onnx"])
+    assert build_parser().parse_args(["model", "summary", "--preset", "RN50", "--implementation", "hf"]).implementation == "hf"

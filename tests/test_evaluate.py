@@ -14,7 +14,7 @@ from sgmft.config import Config, model_config_for
 from sgmft.data.labels import DEFAULT_LABELS
 from sgmft.data.schema import split_files
 from sgmft.data.synth import CASES, synthesize
-from sgmft.evaluate import _report, evaluate_local, per_case_accuracy
+from sgmft.evaluate import _report, evaluate, per_case_accuracy
 from sgmft.models.sgmft import build_model
 
 REPORT_KEYS = {"accuracy", "macro_f1", "per_class", "confusion_matrix", "num_examples", "split", "labels",
@@ -26,6 +26,15 @@ def _row(label: str, predicted: str | None, case: str | None, error: str = "") -
     return {"label": label, "predicted_label": predicted, "error": error, "case": case}
 
 
+def _columns(rows: list[dict]) -> dict[str, np.ndarray]:
+    """Rows as the columns split_predictions gives (post ids and probabilities left out: _report reads neither)."""
+    return {name: np.array([r[name] for r in rows], dtype=object) for name in ("label", "predicted_label", "error", "case")}
+
+
+def evaluate_local(model_dir, dataset, split, tmp_path):
+    return evaluate(model_dir, dataset, split, out_dir=tmp_path / f"eval-{dataset.name}", in_process=True)
+
+
 def test_per_case_accuracy_of_hand_made_rows():
     labels = ["home", "school", "gym"]
     rows = [
@@ -34,7 +43,7 @@ def test_per_case_accuracy_of_hand_made_rows():
         _row("school", None, "both_cues", error="image_truncated: p7"),  # failed rows count only as failed
         _row("gym", "gym", "my_own_case"),
     ]
-    report = _report(labels, rows, "test")
+    report = _report(labels, _columns(rows), "test")
     assert REPORT_KEYS <= set(report)
     assert report["failed"] == 1 and report["num_examples"] == 6
     assert report["accuracy"] == pytest.approx(3 / 6)
@@ -51,11 +60,10 @@ def test_per_case_accuracy_of_hand_made_rows():
 
 def test_rows_without_cases_give_the_report_of_before():
     labels = ["home", "school"]
-    rows = [_row("home", "home", None), _row("school", "home", None)]
-    plain = _report(labels, [{k: v for k, v in r.items() if k != "case"} for r in rows], "val")
-    assert "per_case" not in plain and "per_case" not in _report(labels, rows, "val")
-    assert set(plain) == REPORT_KEYS
-    assert per_case_accuracy(rows) == {}
+    columns = _columns([_row("home", "home", None), _row("school", "home", None)])
+    plain = _report(labels, columns, "val")
+    assert "per_case" not in plain and set(plain) == REPORT_KEYS
+    assert per_case_accuracy(np.array([True, False]), np.array([True, True]), columns["case"]) == {}
 
 
 @pytest.fixture(scope="module")
@@ -86,9 +94,9 @@ def _expected_per_case(model_dir: Path, dataset: Path, split: str) -> dict:
     return {case: {"accuracy": float(np.mean(h)), "n": len(h)} for case, h in hits.items()}
 
 
-def test_evaluate_local_reports_accuracy_per_case(model_and_data):
+def test_evaluate_in_process_reports_accuracy_per_case(model_and_data, tmp_path):
     model_dir, dataset = model_and_data
-    report = evaluate_local(model_dir, dataset, "test")
+    report = evaluate_local(model_dir, dataset, "test", tmp_path)
     assert REPORT_KEYS <= set(report)
     expected = _expected_per_case(model_dir, dataset, "test")
     assert report["per_case"] == {case: expected[case] for case in CASES if case in expected}
@@ -109,7 +117,7 @@ def test_a_dataset_without_meta_case_has_no_per_case(model_and_data, tmp_path):
         else:
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(path.read_bytes())
-    with_cases, without = evaluate_local(model_dir, dataset, "test"), evaluate_local(model_dir, plain, "test")
+    with_cases, without = evaluate_local(model_dir, dataset, "test", tmp_path), evaluate_local(model_dir, plain, "test", tmp_path)
     assert "per_case" not in without
     assert {k: v for k, v in with_cases.items() if k != "per_case"} == without
 
@@ -123,7 +131,7 @@ def test_evaluate_on_ray_data_reports_the_same_per_case(ray_cluster, model_and_d
 
     model_dir, dataset = model_and_data
     report = evaluate(model_dir, dataset, "test", out_dir=tmp_path / "eval", batch_size=16)
-    local = evaluate_local(model_dir, dataset, "test")
+    local = evaluate_local(model_dir, dataset, "test", tmp_path)
     assert report["per_case"] == local["per_case"]
     assert report["accuracy"] == pytest.approx(local["accuracy"])
     assert json.loads((tmp_path / "eval" / "eval-test.json").read_text())["per_case"] == local["per_case"]
@@ -134,13 +142,10 @@ def test_a_dataset_with_another_label_order_is_refused(model_and_data, tmp_path)
     import json
     import shutil
 
-    from sgmft.ablate import predict_split
-
     model_dir, dataset = model_and_data
     reordered = tmp_path / "reordered"
     shutil.copytree(dataset, reordered)
     labels = json.loads((reordered / "labels.json").read_text())
     (reordered / "labels.json").write_text(json.dumps(labels[::-1]))
-    for run in (evaluate_local, predict_split):
-        with pytest.raises(ValueError, match="different label set from the model"):
-            run(model_dir, reordered, "test")
+    with pytest.raises(ValueError, match="different label set from the model"):
+        evaluate_local(model_dir, reordered, "test", tmp_path)

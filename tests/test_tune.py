@@ -135,7 +135,7 @@ def test_cached_features_equal_live_ones_and_train_the_same(ray_cluster, tmp_pat
 
     from sgmft.data.preprocess import PreprocessSpec, preprocess_batch
     from sgmft.data.schema import split_files
-    from sgmft.evaluate import evaluate_local
+    from sgmft.evaluate import evaluate
     from sgmft.feature_cache import FeatureCacheError
     from sgmft.models.backbone import build_backbone
     from sgmft.train import train
@@ -164,7 +164,8 @@ def test_cached_features_equal_live_ones_and_train_the_same(ray_cluster, tmp_pat
         assert abs(a["train_loss"] - b["train_loss"]) < 0.15, (end_to_end.history, from_cache.history)
     # the model trained on features is exported whole (the backbone that made them, then the head):
     # read end to end from the posts, it scores what its trial scored on the cached val features
-    assert evaluate_local(from_cache.model_dir, dataset, "val")["accuracy"] == pytest.approx(from_cache.best["val_accuracy"], abs=0.1)
+    scored = evaluate(from_cache.model_dir, dataset, "val", out_dir=tmp_path / "eval", in_process=True)
+    assert scored["accuracy"] == pytest.approx(from_cache.best["val_accuracy"], abs=0.1)
     # a cache made for another backbone is refused by name
     with pytest.raises(FeatureCacheError, match="preset"):
         train(cache_config(tmp_path, dataset, "wrong", f"train.features_path={features}", "model.backbone.preset=small"))

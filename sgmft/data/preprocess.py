@@ -16,16 +16,13 @@ import functools
 import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-if TYPE_CHECKING:
-    from sgmft.config import Config
-
+from sgmft.config import CLIP_MEAN, CLIP_STD, PAD_TOKEN_ID, Config, image_size_of
 from sgmft.data.tokenizer import tokenizer
-from sgmft.presets import CLIP_MEAN, CLIP_STD, PAD_TOKEN_ID, image_size_of
 
 ON_ERROR_CHOICES = ("raise", "record")
 _JPEG_DRAFT_FACTOR = 2

@@ -17,11 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from sgmft.config import BackboneConfig
 from sgmft.models.outputs import BackboneOutput
-from sgmft.presets import CLIP_MEAN, CLIP_STD, CUSTOM, PAD_TOKEN_ID, RELEASED, check_preset, image_size_of
+from sgmft.config import CLIP_MEAN, CLIP_STD, CUSTOM, PAD_TOKEN_ID, RELEASED, BackboneConfig, check_preset, image_size_of
 
-# Re-exported: the presets module is the one place these facts live.
+# Re-exported: sgmft.config is the one place these facts live.
 __all__ = ["PAD_TOKEN_ID", "CLIP_MEAN", "CLIP_STD", "RELEASED", "CUSTOM", "image_size_of", "normalize_pixels"]
 
 
