@@ -11,11 +11,18 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[test]' $(TORCH_PAIR)
 	touch $@
 
-.PHONY: install demo test bench
+# The model `make serve` serves: the demo's unless given, e.g. `make serve MODEL=runs/x/model`.
+MODEL ?= runs/demo/model
+
+.PHONY: install demo test bench serve
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/sgmft demo
+	@echo "sgmft is in $(VENV)/bin: \`source $(VENV)/bin/activate\` to run the commands above, or \`make serve\` to serve $(MODEL)"
+
+serve: $(VENV)/.installed
+	$(VENV)/bin/sgmft serve --model $(MODEL)
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q

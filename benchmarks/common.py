@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,6 +18,19 @@ set_local_env()  # before Ray is imported anywhere: it reads these at import tim
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def commit() -> str | None:
+    """The commit the code measured is at, ``-dirty`` when the measured code has uncommitted
+    changes; None outside a git checkout (the report then names the commit that saved the file)."""
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *args], cwd=RESULTS.parents[1], capture_output=True, text=True, check=False)
+
+    head = git("rev-parse", "--short", "HEAD")
+    if head.returncode != 0:
+        return None
+    dirty = git("status", "--porcelain", "--", "sgmft", "serve_app", "benchmarks/*.py").stdout.strip()
+    return head.stdout.strip() + ("-dirty" if dirty else "")
+
+
 def machine() -> dict[str, Any]:
     import numpy
     import ray
@@ -26,7 +40,7 @@ def machine() -> dict[str, Any]:
         "cpu_count": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
         "python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__, "numpy": numpy.__version__,
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "commit": commit(),
     }
 
 

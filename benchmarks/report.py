@@ -1,0 +1,163 @@
+"""The results table: one line per saved result, with the machine and commit it was measured on.
+
+    python -m benchmarks.report            print the table
+    python -m benchmarks.report --write    and write it to results/SUMMARY.md and README.md
+
+Reads ``benchmarks/results/*.json`` only (nothing is run). Each row names the machine of its
+own result file, and the commit it was measured at: the ``commit`` a result file records
+(:func:`benchmarks.common.machine` writes it), or else the commit that last wrote the file.
+A row whose code (``sgmft/``, ``serve_app/``, its benchmark module) has changed since that
+commit says so: its figure is then that commit's, not the code's of today.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+from pathlib import Path
+from typing import Any, Callable
+
+RESULTS = Path(__file__).resolve().parent / "results"
+REPO = RESULTS.parents[1]
+README_BEGIN, README_END = "<!-- results table: benchmarks/report.py --write -->", "<!-- end of results table -->"
+SUMMARIES = ("summary.json", "serve_load_proxies.json")
+"""Result files that gather others (each of their figures has its own row) and get none."""
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def _head_cost(r: dict) -> str:
+    shares = {p: v["head_flops_share"] for p, v in r.items() if isinstance(v, dict) and "head_flops_share" in v}
+    return "head's share of forward FLOPs: " + ", ".join(f"{p} {_pct(s)}" for p, s in shares.items())
+
+
+def _ingest(r: dict) -> str:
+    return (f"Ray Data **{r['speedup']:.2f}x** a one-process loop end to end, {r['speedup_after_first_batch']:.2f}x "
+            f"after the first batch (goal {r['goal']}x)")
+
+
+def _train_throughput(r: dict) -> str:
+    return (f"Ray Train **{r['ratio']:.2f}x** a plain loop ({r['ray_train_samples_per_s']:.1f} vs "
+            f"{r['plain_loop_samples_per_s']:.1f} samples/s), data wait {_pct(r['ray_data_wait_share'])} (goal 0.9x, < 10%)")
+
+
+def _tune_cache(r: dict) -> str:
+    one, search, bound = r["one_trial"], r["search_8_trials"], r["compute_bound"]
+    ratio = search["end_to_end"]["wall_s"] / search["cached"]["wall_s"]
+    return (f"cached trial **{r['speedup']:.2f}x** end to end ({one['end_to_end']['mean_trial_s']:.1f} vs "
+            f"{one['cached']['mean_trial_s']:.1f} s), 8-trial search {ratio:.2f}x; compute bound "
+            f"{bound['epoch_flop_ratio']:.1f}x by FLOPs, {bound['epoch_compute_ratio']:.1f}x at measured rates (goal 5x)")
+
+
+def _serve_load(r: dict) -> str:
+    return (f"+{r['overhead_p50_ms_c1']:.1f} ms p50 at 1 client, {r['serve_c32_vs_inprocess_one_thread']:.2f}x one-thread "
+            f"in-process posts/s at 32 clients; model in the ingress: +{r['overhead_p50_ms_c1_colocated']:.1f} ms, "
+            f"{r['serve_c32_vs_inprocess_one_thread_colocated']:.2f}x (goal <= 10 ms, 1.5x)")
+
+
+def _gpu_check(r: dict) -> str:
+    step, inference = r["train_step"], r["inference"]
+    return (f"bf16 train step {step['samples_per_s']:.0f} samples/s (batch {step['batch']}, "
+            f"{step['max_memory_gib']:.1f} GiB); inference {inference['posts_per_s']:,.0f} posts/s at batch {inference['batch']}")
+
+
+def _gpu_train(r: dict) -> str:
+    return "; ".join(f"{policy}: epochs at " + " / ".join(f"{x:.2f}" for x in v.get("ratio_to_bare_step", []))
+                     + f"x the bare step, data wait <= {_pct(v['max_data_wait_share'])}, resumed after a crash: "
+                     f"{v['resumed_after_crash']}" for policy, v in r["policies"].items())
+
+
+def _ablation(r: dict) -> str:
+    rows = {s["variant"]: s for s in r["summary"]}
+    full, best = rows["full"], max(r["summary"], key=lambda s: s["test_accuracy"]["mean"])
+    return (f"full {_pct(full['test_accuracy']['mean'])} test accuracy over {len(full['seeds'])} seeds on "
+            f"{r['test_posts']} posts; best {best['variant']} {_pct(best['test_accuracy']['mean'])}")
+
+
+HEADLINES: dict[str, Callable[[dict], str]] = {
+    "head_cost": _head_cost, "ingest": _ingest, "train_throughput": _train_throughput, "tune_cache": _tune_cache,
+    "serve_load": _serve_load, "gpu_check": _gpu_check, "gpu_train": _gpu_train, "ablation": _ablation,
+}
+
+
+def _family(name: str) -> str | None:
+    """The benchmark a result file is of: ``serve_load_haproxy`` is a run of ``serve_load``."""
+    return next((key for key in sorted(HEADLINES, key=len, reverse=True) if name.startswith(key)), None)
+
+
+def headline(name: str, result: dict) -> str:
+    """The figure a result file stands for, in one line."""
+    if "error" in result or "skipped" in result:
+        return result.get("skipped") or f"error: {result['error']}"
+    family = _family(name)
+    try:
+        return HEADLINES[family](result) if family else "(no headline for this file)"
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
+        return f"(result file lacks {exc})"
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=False).stdout.strip()
+
+
+def _code_paths(name: str) -> list[str]:
+    module = f"benchmarks/{_family(name)}.py"
+    return ["sgmft", "serve_app"] + ([module] if (REPO / module).is_file() else [])
+
+
+def _machine(result: dict) -> str:
+    m = result.get("machine") or {}
+    cpus = m.get("cpu_count") or m.get("cores")
+    gpu = m.get("gpu") or result.get("gpu")
+    return (f"{gpu}, " if gpu else "") + (f"{cpus} CPUs" if cpus else "not recorded")
+
+
+def row(path: Path) -> dict[str, Any]:
+    """One result file's line: what, the figure, the machine, the commit and whether code changed since."""
+    result = json.loads(path.read_text())
+    commit = (result.get("machine") or {}).get("commit") or _git("log", "-1", "--format=%h", "--", str(path.relative_to(REPO)))
+    base = commit.removesuffix("-dirty") if commit else ""  # -dirty: measured with uncommitted changes to that code
+    since = int(_git("rev-list", "--count", f"{base}..HEAD", "--", *_code_paths(path.stem)) or 0) if base else 0
+    date = (result.get("machine") or {}).get("date") or _git("log", "-1", "--format=%ad", "--date=short", "--", str(path))
+    return {"benchmark": path.stem, "figure": headline(path.stem, result), "machine": _machine(result),
+            "commit": commit or "not committed", "date": str(date)[:10], "code_changed_since": since}
+
+
+def table(results: Path = RESULTS) -> str:
+    lines = ["| benchmark | measured | machine | commit, date | code |", "|---|---|---|---|---|"]
+    for path in sorted(results.glob("*.json")):
+        if path.name in SUMMARIES:
+            continue
+        r = row(path)
+        since = "**changed since**" if r["code_changed_since"] else "unchanged"
+        lines.append(f"| `{r['benchmark']}` | {r['figure']} | {r['machine']} | {r['commit']}, {r['date']} | {since} |")
+    return "\n".join(lines) + "\n"
+
+
+def write(text: str) -> None:
+    """SUMMARY.md, and the README's table between its two markers."""
+    (RESULTS / "SUMMARY.md").write_text("# Benchmark results\n\nWritten by `python -m benchmarks.report --write` from "
+                                        "`benchmarks/results/*.json`; each row names its own machine and commit.\n\n" + text)
+    readme = REPO / "README.md"
+    body = readme.read_text()
+    pattern = re.compile(re.escape(README_BEGIN) + r".*?" + re.escape(README_END), re.S)
+    if not pattern.search(body):
+        raise SystemExit(f"README.md has no results table markers ({README_BEGIN} ... {README_END})")
+    readme.write_text(pattern.sub(lambda _: f"{README_BEGIN}\n{text}{README_END}", body))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--write", action="store_true", help="write results/SUMMARY.md and the README's table")
+    text = table()
+    print(text, end="")
+    if parser.parse_args().write:
+        write(text)
+
+
+if __name__ == "__main__":
+    main()
