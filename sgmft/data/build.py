@@ -281,6 +281,19 @@ def _meta_schema(rows: Sequence[Mapping[str, Any]]) -> pa.Schema:
     return schema.dataset_schema(fields)
 
 
+def _checked_arguments(kind: str, labels: Sequence[str] | None, val_frac: float, test_frac: float) -> list[str] | None:
+    """The label order asked for, once the arguments of :func:`build_dataset` are checked."""
+    if kind not in KINDS:
+        raise DatasetError(f"unknown input kind {kind!r}; use one of {list(KINDS)}")
+    schema.check_fractions(val_frac, test_frac)
+    if labels is None:
+        return None
+    try:
+        return check_labels(labels, "labels")
+    except LabelError as exc:
+        raise DatasetError(str(exc)) from exc
+
+
 def build_dataset(
     source: str | Path | Sequence[str | Path],
     out_dir: str | Path,
@@ -306,14 +319,7 @@ def build_dataset(
     post id -> label mapping. ``labels`` fixes the label order; by default the sorted
     labels found. ``unlabeled`` builds a prediction set: rows need no label and go to test.
     """
-    if kind not in KINDS:
-        raise DatasetError(f"unknown input kind {kind!r}; use one of {list(KINDS)}")
-    if labels is not None:
-        try:
-            labels = check_labels(labels, "labels")
-        except LabelError as exc:
-            raise DatasetError(str(exc)) from exc
-    schema.check_fractions(val_frac, test_frac)
+    labels = _checked_arguments(kind, labels, val_frac, test_frac)
     sources = [source] if isinstance(source, (str, Path)) else list(source)
     ignored: Counter = Counter()
     checker = _Checker(labels, unlabeled, max_image_pixels)
