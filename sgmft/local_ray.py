@@ -1,8 +1,7 @@
 """Local Ray for the CLI, tests and benchmarks: on 127.0.0.1, quiet, self-contained.
 
 ``connect()`` joins the cluster named by RAY_ADDRESS (what ``ray job submit`` sets) or
-starts an in-process local one. ``HeadNode`` runs ``ray start --head --block`` as a
-child process group, so stopping it ends exactly the processes it started.
+starts an in-process local one. (The tests' ``ray start`` clusters are ``tests/ray_nodes.py``.)
 
 Every local cluster runs with Ray token authentication (``RAY_AUTH_MODE=token``): its own
 random token, in a mode-0600 file inside the cluster's temp dir, handed to Ray's processes
@@ -17,13 +16,8 @@ from __future__ import annotations
 
 import os
 import secrets
-import signal
 import socket
-import subprocess
-import sys
 import tempfile
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
@@ -181,110 +175,3 @@ def _write_worker_output_to(dispatcher, path: Path) -> None:
 
     dispatcher.remove_handler(_PRINT_HANDLER)
     dispatcher.add_handler(_PRINT_HANDLER, write)  # ray.shutdown removes it by this name
-
-
-@dataclass
-class HeadNode:
-    """A ``ray start --head`` cluster with a dashboard (for ``ray job submit`` and ``serve deploy``),
-    with token authentication: clients use :meth:`client_env` (subprocesses) or :meth:`use`
-    (this process, before ``ray.init``)."""
-
-    num_cpus: int = 4
-    temp_dir: str = field(default_factory=short_temp_dir)
-    gcs_port: int = field(default_factory=free_port)
-    dashboard_port: int = field(default_factory=free_port)
-    agent_port: int = field(default_factory=free_port)
-    """The head's dashboard agent's HTTP port: the dashboard hands submitted jobs to it."""
-    process: subprocess.Popen | None = None
-    env: dict[str, str] = field(default_factory=dict)
-    """More environment for the cluster's Ray processes, so for its workers, replicas and job drivers."""
-    token_path: Path = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.token_path = new_token_file(self.temp_dir)
-
-    @property
-    def token(self) -> str:
-        return self.token_path.read_text().strip()
-
-    def client_env(self, base: Mapping[str, str] | None = None) -> dict[str, str]:
-        """The environment for a client subprocess (``ray job submit``, ``serve deploy``): ``base``
-        (default: ``os.environ``) with this cluster's token."""
-        return token_env(self.token_path, base)
-
-    def auth_headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.token}"}
-
-    def use(self) -> None:
-        """Make this process a client of this cluster (before ``ray.init(address=self.address)``)."""
-        use_token(self.token_path)
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.gcs_port}"
-
-    @property
-    def dashboard_url(self) -> str:
-        return f"http://127.0.0.1:{self.dashboard_port}"
-
-    def start(self, timeout_s: float = 90.0) -> "HeadNode":
-        env = token_env(self.token_path, {**os.environ, **LOCAL_ENV, **self.env})
-        ray_bin = str(Path(sys.executable).with_name("ray"))
-        cmd = [ray_bin, "start", "--head", "--block", f"--port={self.gcs_port}", "--node-ip-address=127.0.0.1",
-               f"--num-cpus={self.num_cpus}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-               f"--dashboard-port={self.dashboard_port}", f"--temp-dir={self.temp_dir}", "--disable-usage-stats",
-               # the agent's HTTP port is otherwise a fixed 52365: another Ray on this machine would
-               # hold it, and jobs would be refused ("No available agent to submit job")
-               f"--dashboard-agent-listen-port={self.agent_port}"]
-        log = open(Path(self.temp_dir) / "ray-start.log", "w")
-        self.process = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"ray start exited with {self.process.returncode}: {(Path(self.temp_dir) / 'ray-start.log').read_text()[-2000:]}")
-            # ready for jobs: the dashboard answers with the token, and its agent on its own port
-            # (a port taken by another process between choosing and binding would refuse every job)
-            if _answers(f"{self.dashboard_url}/api/version", self.auth_headers()) and \
-                    _answers(f"http://127.0.0.1:{self.agent_port}/api/healthz", {}):
-                return self
-            time.sleep(1.0)
-        logs = self.log_tail("dashboard.log", "dashboard_agent.log")
-        self.stop()
-        raise TimeoutError(f"the Ray head (dashboard :{self.dashboard_port}, agent :{self.agent_port}) did not come up "
-                           f"within {timeout_s:.0f}s\n{logs}")
-
-    def log_tail(self, *names: str, chars: int = 1500) -> str:
-        """The ends of this head's log files ``names`` (in ``session_latest/logs``), for error messages."""
-        logs = Path(self.temp_dir) / "session_latest" / "logs"
-        tails = []
-        for name in names:
-            try:
-                tails.append(f"--- {name}:\n{(logs / name).read_text(errors='replace')[-chars:]}")
-            except OSError as exc:
-                tails.append(f"--- {name}: unreadable ({exc})")
-        return "\n".join(tails)
-
-    def stop(self) -> None:
-        """End the process group this head started (never other Ray processes on the machine)."""
-        if self.process is None:
-            return
-        try:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            self.process.wait(timeout=10)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(self.process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        self.process = None
-
-
-def _answers(url: str, headers: dict[str, str]) -> bool:
-    """Whether ``url`` answers 200 with ``headers`` within 2 s."""
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False

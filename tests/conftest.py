@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from sgmft.local_ray import HeadNode, quiet_data, set_local_env
+from sgmft.local_ray import quiet_data, set_local_env
 
 set_local_env()
 
@@ -17,6 +17,8 @@ set_local_env()
 # pyproject's filterwarnings for that test and a deprecated Ray call of ours would pass;
 # imported here, before any test, it never does.
 import ray.util.annotations  # noqa: E402,F401
+
+from ray_nodes import HeadNode  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO.parent / "shared" / "corpus"
