@@ -15,7 +15,7 @@ import torch
 
 from benchmarks.common import save
 from sgmft.config import TrainConfig, model_config_for
-from sgmft.models.sgmft import build_model
+from sgmft.models.model import build_model
 from sgmft.optim import build_optimization
 from sgmft.train_loop import train_step
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from benchmarks.common import main, save
 from sgmft.config import model_config_for
-from sgmft.models.sgmft import build_model
+from sgmft.models.model import build_model
 from sgmft.models.summary import format_costs, model_costs
 
 

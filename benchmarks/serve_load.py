@@ -236,10 +236,10 @@ def forward_only_posts_per_s(runner, batch: int, repeats: int = 20) -> dict[str,
 # --- the app -------------------------------------------------------------------------------
 
 def make_model_dir(root: Path, preset: str) -> Path:
-    from sgmft.checkpoint import save_model_dir
+    from sgmft.model_dir import save_model_dir
     from sgmft.config import Config, model_config_for
     from sgmft.data.labels import DEFAULT_LABELS
-    from sgmft.models.sgmft import build_model
+    from sgmft.models.model import build_model
 
     cfg = Config()
     cfg.model = model_config_for(preset, num_labels=len(DEFAULT_LABELS))

@@ -35,7 +35,7 @@ def plain_loop(cfg, dataset_dir: Path, threads: int, steps: int) -> float:
 
     from sgmft.data.preprocess import PreprocessSpec, encode_labels, preprocess_batch
     from sgmft.data.schema import load_labels, split_files
-    from sgmft.models.sgmft import build_model
+    from sgmft.models.model import build_model
     from sgmft.optim import build_optimization
     from sgmft.train_loop import train_step
 

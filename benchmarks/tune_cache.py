@@ -94,7 +94,7 @@ def compute_bound(overrides: list[str], rows: dict[str, int]) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from sgmft.models.sgmft import build_model
+    from sgmft.models.model import build_model
     from sgmft.optim import build_optimization
     from sgmft.train_loop import train_step
     from sgmft.config import image_size_of

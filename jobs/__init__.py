@@ -1,6 +1,6 @@
 """Entrypoints that ``ray job submit`` runs; each runs one ``sgmft`` command, as the CLI would.
 
-They gather the pipeline workflows' commands (:data:`sgmft.cli_args.PIPELINE`, the list the
+They gather the pipeline workflows' commands (:data:`sgmft.commands.PIPELINE`, the list the
 command line reads too), not the whole command line (:mod:`sgmft.cli`), so a job never loads
 the serving or dataset-building commands.
 """
@@ -14,7 +14,7 @@ import sys
 
 def run(command: str) -> None:
     """Run ``sgmft <command> <argv...>`` and exit with its status."""
-    from sgmft.cli_args import PIPELINE, run_command
+    from sgmft.commands import PIPELINE, run_command
 
     parser = argparse.ArgumentParser(prog="sgmft")
     subcommands = parser.add_subparsers(dest="command", required=True)

@@ -26,7 +26,7 @@ from ray.serve.handle import DeploymentHandle
 
 from sgmft.config import Config, ConfigError, ServeConfig, apply_overrides, config_from_dict, load_config
 from serve_app.errors import ApiError
-from sgmft.checkpoint import resolve_source
+from sgmft.model_dir import resolve_source
 
 INGRESS_NAME, MODEL_NAME = "SGMFTIngress", "SGMFTModel"
 # What a handle call raises when the replica serving it died or is going away; the post is

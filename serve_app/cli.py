@@ -6,7 +6,7 @@ import argparse
 import signal
 import threading
 
-from sgmft.cli_args import add_config_args, config_from_args
+from sgmft.commands import add_config_args, config_from_args
 
 APP_NAME = "sgmft"
 
@@ -28,7 +28,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 def serve_command(args: argparse.Namespace) -> int:
     import os
 
-    from sgmft.checkpoint import ModelDirError, is_uri, resolve_source
+    from sgmft.model_dir import ModelDirError, is_uri, resolve_source
     from sgmft.config import ConfigError
 
     cfg = config_from_args(args)

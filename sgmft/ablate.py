@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from sgmft.cli_args import (add_config_args, add_verbose_arg, cluster_name, config_from_args, data_source, print_where,
+from sgmft.commands import (add_config_args, add_verbose_arg, cluster_name, config_from_args, data_source, print_where,
                             progress_bars, ray_for_command, show_path)
 from sgmft.config import Config
 from sgmft.evaluate import per_case_accuracy
@@ -113,7 +113,7 @@ def cross_modal(cases: np.ndarray) -> np.ndarray:
 
 def trial_row(variant: str, seed: int, preds: Predictions, num_labels: int, val_accuracy: float | None = None) -> dict[str, Any]:
     """One table row: a variant's test accuracy, macro-F1, cross-modal and per-case accuracy at one seed."""
-    from sgmft.metrics import classification_report, confusion_matrix
+    from sgmft.classification import classification_report, confusion_matrix
 
     ok = preds.ok  # a post that failed to decode is counted as failed, as evaluate counts it
     matrix = confusion_matrix(preds.labels[ok], preds.probs[ok].argmax(1), num_labels)

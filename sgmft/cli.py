@@ -2,7 +2,7 @@
 
 Each command lives next to the code it runs (``sgmft.train``, ``sgmft.tune``, ...,
 ``sgmft.data.cli``, ``serve_app.cli``) and takes what commands share from
-:mod:`sgmft.cli_args`, never from this module, so the imports only go one way.
+:mod:`sgmft.commands`, never from this module, so the imports only go one way.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import sys
 from typing import Callable
 
 from serve_app import cli as serve_cli
-from sgmft.cli_args import PIPELINE, run_command
+from sgmft.commands import PIPELINE, run_command
 from sgmft.config import BACKBONE_PRESETS, BackboneConfig, choices
 from sgmft.data import cli as data_cli
 

@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from sgmft.cli_args import add_verbose_arg, check_inputs, print_where, progress_bars, ray_for_command, show_path
+from sgmft.commands import add_verbose_arg, check_inputs, print_where, progress_bars, ray_for_command, show_path
 from sgmft.config import PREDICT_BATCH_SIZE
-from sgmft.metrics import classification_report, confusion_matrix
+from sgmft.classification import classification_report, confusion_matrix
 
 
 def plot_confusion(matrix: np.ndarray, labels: list[str], path: Path, title: str) -> None:
@@ -122,7 +122,7 @@ def split_predictions(model_dir: str | Path, dataset_dir: str | Path, split: str
     ``predict_kwargs``); ``in_process``: by the runner in this process, with no Ray (small
     splits and the tests that start none), ``batch_size`` the one keyword it takes.
     """
-    from sgmft.checkpoint import check_model_dir
+    from sgmft.model_dir import check_model_dir
 
     _check_labels(check_model_dir(model_dir)[1], model_dir, dataset_dir)
     predict = _predict_in_process if in_process else _predict_on_ray_data
@@ -171,7 +171,7 @@ def evaluate(model_dir: str | Path, dataset_dir: str | Path, split: str = "test"
     ``{case: {"accuracy", "n"}}`` over the posts that decoded. ``in_process`` and
     ``predict_kwargs``: how the split is predicted (:func:`split_predictions`).
     """
-    from sgmft.checkpoint import check_model_dir
+    from sgmft.model_dir import check_model_dir
 
     model_dir = Path(model_dir)
     labels = check_model_dir(model_dir)[1]

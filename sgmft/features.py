@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from sgmft import progress
-from sgmft.cli_args import (add_verbose_arg, config_from_args, log_dir_beside, print_where, progress_bars,
+from sgmft.commands import (add_verbose_arg, config_from_args, log_dir_beside, print_where, progress_bars,
                             ray_for_command, show_path)
 from sgmft.config import PREDICT_BATCH_SIZE, BackboneConfig, Config
 from sgmft.data.schema import feature_split_dir

@@ -7,7 +7,7 @@ batch prediction writes out and evaluation scores), imports Ray when called.
 
 A model directory is a local path or a URI that ``pyarrow.fs`` understands (``s3://``,
 ``gs://``, ``abfs://``, ``hdfs://``, ``file://``). Remote directories are copied (model
-files only, :func:`sgmft.checkpoint.fetch_model_dir`) to a local temporary directory first;
+files only, :func:`sgmft.model_dir.fetch_model_dir`) to a local temporary directory first;
 loading then reads safetensors and JSON only, never a pickle.
 """
 
@@ -26,10 +26,10 @@ import numpy as np
 import torch
 
 from sgmft import progress
-from sgmft.checkpoint import check_model_dir, fetch_model_dir, is_uri
+from sgmft.model_dir import check_model_dir, fetch_model_dir, is_uri
 from sgmft.config import CLIP_MEAN, CLIP_STD, PREDICT_BATCH_SIZE, config_to_dict
 from sgmft.data.preprocess import PreprocessSpec, preprocess_batch
-from sgmft.models.sgmft import LoadedModel, load_model_dir
+from sgmft.models.model import LoadedModel, load_model_dir
 
 
 def default_device() -> torch.device:

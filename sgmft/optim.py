@@ -41,7 +41,7 @@ def backbone_rates(model_cfg: ModelConfig | None, cfg: TrainConfig) -> tuple[flo
 def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
     """Head at ``lr``; backbone layer l of a tower of depth n at ``backbone_lr * layer_decay**(n+1-l)``
     (with the rates of :func:`backbone_rates`). ``model`` is an SG-MFT model of
-    :mod:`sgmft.models.sgmft`, whole or head-only: typed as a plain module so that the
+    :mod:`sgmft.models.model`, whole or head-only: typed as a plain module so that the
     optimizer does not import the model it tunes."""
     backbone_lr, layer_decay = backbone_rates(getattr(model, "cfg", None), cfg)
     groups: dict[tuple[float, bool], list[torch.nn.Parameter]] = {}

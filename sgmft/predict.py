@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from sgmft.cli_args import (add_verbose_arg, check_inputs, log_dir_beside, print_where, progress_bars, ray_for_command,
+from sgmft.commands import (add_verbose_arg, check_inputs, log_dir_beside, print_where, progress_bars, ray_for_command,
                             show_path)
 from sgmft.config import PREDICT_BATCH_SIZE
 from sgmft.inference import predictions

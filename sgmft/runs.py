@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sgmft.checkpoint import CONFIG, METRICS, TRAIN_FILES, TRAIN_STATE, WEIGHTS, staged_model_dir
+from sgmft.model_dir import CONFIG, METRICS, TRAIN_FILES, TRAIN_STATE, WEIGHTS, staged_model_dir
 from sgmft.config import Config, config_from_dict
 from sgmft.data.schema import label_counts, load_labels, shard_files, split_rows
 from sgmft.feature_cache import FeatureCacheError, check_cache, feature_widths
@@ -215,7 +215,7 @@ def complete_model_dir(model_dir: str | Path) -> bool:
     """
     from safetensors.torch import load_file, save_model
 
-    from sgmft.models.sgmft import build_model
+    from sgmft.models.model import build_model
 
     model_dir = Path(model_dir)
     head = load_file(str(model_dir / WEIGHTS))

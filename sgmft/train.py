@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sgmft.checkpoint import METRICS
-from sgmft.cli_args import (add_config_args, add_verbose_arg, cluster_name, config_from_args, data_source, print_where,
+from sgmft.model_dir import METRICS
+from sgmft.commands import (add_config_args, add_verbose_arg, cluster_name, config_from_args, data_source, print_where,
                             progress_bars, ray_for_command, show_path)
 from sgmft.config import Config
 from sgmft.runs import export_best, prepare

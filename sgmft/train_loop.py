@@ -24,9 +24,9 @@ from typing import Any
 
 import torch
 
-from sgmft.checkpoint import TRAIN_STATE, write_model_files
+from sgmft.model_dir import TRAIN_STATE, write_model_files
 from sgmft.config import Config
-from sgmft.metrics import classification_report
+from sgmft.classification import classification_report
 from sgmft.models.outputs import BackboneOutput
 from sgmft.progress import Reporter
 
@@ -257,7 +257,7 @@ def setup_worker(spec: WorkerSpec, session: RayTrainSession | None = None) -> Wo
     On cached features (``spec.head_widths``) the model is the head alone: no backbone
     is built, and checkpoints hold the head (completed with its backbone on export).
     """
-    from sgmft.models.sgmft import SGMFTHeadModel, build_model
+    from sgmft.models.model import SGMFTHeadModel, build_model
     from sgmft.optim import build_optimization
 
     started = time.monotonic()

@@ -85,7 +85,7 @@ def test_a_model_pickles_as_cn_clip_s_own_class_and_tokenizing_imports_no_torch(
         import torch
         import cn_clip.clip
         from sgmft.config import ModelConfig
-        from sgmft.models.sgmft import build_model
+        from sgmft.models.model import build_model
         model = build_model(ModelConfig(), load_pretrained=False).eval()
         buffer = io.BytesIO()
         torch.save(model, buffer)

@@ -9,13 +9,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from sgmft.checkpoint import save_model_dir
+from sgmft.model_dir import save_model_dir
 from sgmft.config import Config, model_config_for
 from sgmft.data.labels import DEFAULT_LABELS
 from sgmft.data.schema import split_files
 from sgmft.data.synth import CASES, synthesize
 from sgmft.evaluate import _report, evaluate, per_case_accuracy
-from sgmft.models.sgmft import build_model
+from sgmft.models.model import build_model
 
 REPORT_KEYS = {"accuracy", "macro_f1", "per_class", "confusion_matrix", "num_examples", "split", "labels",
                "failed", "failed_examples"}

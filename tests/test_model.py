@@ -5,10 +5,10 @@ import dataclasses
 import pytest
 import torch
 
-from sgmft.checkpoint import ModelDirError, save_model_dir
+from sgmft.model_dir import ModelDirError, save_model_dir
 from sgmft.config import Config, model_config_for
 from sgmft.models.head import InterpolationAttention
-from sgmft.models.sgmft import build_model, load_model_dir
+from sgmft.models.model import build_model, load_model_dir
 
 B, L = 3, 16
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from sgmft.config import Config, TrainConfig
-from sgmft.models.sgmft import build_model
+from sgmft.models.model import build_model
 from sgmft.optim import build_optimization, build_optimizer, param_groups
 
 

@@ -12,7 +12,7 @@ from PIL import Image
 from sgmft.config import Config
 from sgmft.data.preprocess import PreprocessSpec, image_pixels, normalize, preprocess_batch
 from sgmft.models.backbone import normalize_pixels
-from sgmft.models.sgmft import build_model
+from sgmft.models.model import build_model
 from sgmft.config import CLIP_MEAN, CLIP_STD
 
 SPEC = PreprocessSpec(image_size=32)

@@ -11,10 +11,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from sgmft.checkpoint import save_model_dir
+from sgmft.model_dir import save_model_dir
 from sgmft.config import Config, model_config_for
 from sgmft.data.labels import DEFAULT_LABELS
-from sgmft.models.sgmft import build_model
+from sgmft.models.model import build_model
 
 
 @pytest.fixture(scope="module")

@@ -222,9 +222,9 @@ def test_job_submitted_with_the_token_succeeds(ray_head):
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    from sgmft.checkpoint import save_model_dir
+    from sgmft.model_dir import save_model_dir
     from sgmft.data.labels import DEFAULT_LABELS
-    from sgmft.models.sgmft import build_model
+    from sgmft.models.model import build_model
 
     cfg = Config()
     cfg.model = model_config_for("tiny", num_labels=4)

@@ -26,10 +26,10 @@ import httpx
 import pytest
 import yaml
 
-from sgmft.checkpoint import save_model_dir
+from sgmft.model_dir import save_model_dir
 from sgmft.config import Config, ConfigError, model_config_for
 from sgmft.local_ray import free_port
-from sgmft.models.sgmft import build_model
+from sgmft.models.model import build_model
 
 pytestmark = pytest.mark.slow
 

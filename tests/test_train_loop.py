@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from sgmft.checkpoint import TRAIN_STATE, write_model_files
+from sgmft.model_dir import TRAIN_STATE, write_model_files
 from sgmft.config import Config
 from sgmft.train_loop import (LossWatch, RayTrainSession, TrainingDiverged, WorkerSpec, _autocast, collapsed_to,
                               epoch_line, setup_worker, train_state, train_step)

@@ -115,7 +115,7 @@ def test_a_trial_applies_named_override_sets_then_its_sampled_keys(tmp_path):
 def test_a_head_alone_starts_from_the_same_weights_as_the_full_model():
     import torch
 
-    from sgmft.models.sgmft import SGMFTHeadModel, build_model
+    from sgmft.models.model import SGMFTHeadModel, build_model
 
     cfg = load_config(None, ["model.backbone.policy=frozen"]).model
     torch.manual_seed(7)

@@ -2,7 +2,7 @@
 
 Its own module, so that the head (:mod:`sgmft.models.head`) and the backbones
 (:mod:`sgmft.models.backbone`) need not import each other: only the full model
-(:mod:`sgmft.models.sgmft`) puts the two together.
+(:mod:`sgmft.models.model`) puts the two together.
 """
 
 from __future__ import annotations

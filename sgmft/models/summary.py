@@ -8,7 +8,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from sgmft.config import ModelConfig
-from sgmft.models.sgmft import SGMFTModel, build_model
+from sgmft.models.model import SGMFTModel, build_model
 
 
 @dataclass

@@ -4,7 +4,7 @@ A model directory is written to a temporary sibling and renamed into place
 (:func:`staged_model_dir`, the one way every writer places one), so a reader never sees a
 half-written one. This module names the files, writes, checks and fetches them (a remote
 directory, ``s3://`` and the like, is copied locally first); loading the model they hold is
-:func:`sgmft.models.sgmft.load_model_dir` (safetensors and JSON only: no pickle is ever
+:func:`sgmft.models.model.load_model_dir` (safetensors and JSON only: no pickle is ever
 loaded from a model directory), so that nothing here needs the model's code.
 """
 

@@ -3,7 +3,7 @@ or loaded from a model directory.
 
 The head (:mod:`sgmft.models.head`) and the backbones (:mod:`sgmft.models.backbone`) do
 not import each other; this module puts them together. Loading reads safetensors and
-JSON only (:mod:`sgmft.checkpoint` names the files): no pickle is ever loaded.
+JSON only (:mod:`sgmft.model_dir` names the files): no pickle is ever loaded.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_model
 from torch import nn
 
-from sgmft.checkpoint import CONFIG, METRICS, WEIGHTS, ModelDirError, check_model_dir, read_json
+from sgmft.model_dir import CONFIG, METRICS, WEIGHTS, ModelDirError, check_model_dir, read_json
 from sgmft.config import Config, ModelConfig
 from sgmft.models.backbone import ClipBackbone, build_backbone
 from sgmft.models.head import SGMFTOutput, build_head, uses_image, uses_text

@@ -1,5 +1,6 @@
-"""What every command shares: ``--config``/``--set``, ``--verbose``, running a parsed
-command (:func:`run_command`), and how a command talks to the user.
+"""What every command shares: ``--config``/``--set``, ``--verbose``, the list of pipeline
+workflows, running a parsed command (:func:`run_command`), the Ray it runs on
+(:func:`ray_for_command`) and how it talks to the user.
 
 Each command prints what is about to run and where its files go, a progress bar while Ray
 works (on a terminal: posts done, posts/s, ETA), one line per epoch, and a summary. Ray's
@@ -126,7 +127,7 @@ def progress_bars(console: "Console", per_run: bool = True):
 
 def check_inputs(model: str, data: str) -> None:
     """The user's typos, refused before any Ray starts or any log directory is made."""
-    from sgmft.checkpoint import check_model_dir
+    from sgmft.model_dir import check_model_dir
 
     check_model_dir(model)
     if not Path(data).exists():
