@@ -17,7 +17,7 @@ from benchmarks.common import save
 from sgmft.config import TrainConfig, model_config_for
 from sgmft.models.model import build_model
 from sgmft.optim import build_optimization
-from sgmft.train_loop import train_step
+from sgmft.train_loop import ClassificationLoss, train_step
 
 
 def timed(fn, repeats: int) -> float:
@@ -44,7 +44,8 @@ def bare_train_step(model_cfg, batch: int, repeats: int) -> dict:
     labels = torch.randint(0, model_cfg.num_labels, (batch,), device=device)
     train_cfg = TrainConfig()
     optimizer, scheduler = build_optimization(model, train_cfg, device, total_updates=repeats + 3)
-    inputs, loss_fn = {"input_ids": ids, "pixel_values": pixels, "label_id": labels}, torch.nn.CrossEntropyLoss()
+    inputs = {"input_ids": ids, "pixel_values": pixels, "label_id": labels}
+    loss_fn = ClassificationLoss(torch.nn.CrossEntropyLoss())
 
     def step():
         train_step(model, inputs, loss_fn, optimizer, scheduler, autocast=torch.autocast("cuda", dtype=torch.bfloat16),

@@ -37,7 +37,7 @@ def plain_loop(cfg, dataset_dir: Path, threads: int, steps: int) -> float:
     from sgmft.data.schema import load_labels, split_files
     from sgmft.models.model import build_model
     from sgmft.optim import build_optimization
-    from sgmft.train_loop import train_step
+    from sgmft.train_loop import ClassificationLoss, train_step
 
     torch.set_num_threads(threads)
     labels = load_labels(dataset_dir)
@@ -50,7 +50,7 @@ def plain_loop(cfg, dataset_dir: Path, threads: int, steps: int) -> float:
     model = build_model(cfg.model).train()
     size = cfg.data.batch_size * cfg.train.num_workers  # the same global batch as the DDP run
     optimizer, scheduler = build_optimization(model, cfg.train, torch.device("cpu"), total_updates=steps + 2)
-    loss_fn = torch.nn.CrossEntropyLoss()
+    loss_fn = ClassificationLoss(torch.nn.CrossEntropyLoss())
     start = 0.0
     for step in range(steps + 2):
         if step == 2:

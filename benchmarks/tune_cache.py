@@ -96,7 +96,7 @@ def compute_bound(overrides: list[str], rows: dict[str, int]) -> dict:
 
     from sgmft.models.model import build_model
     from sgmft.optim import build_optimization
-    from sgmft.train_loop import train_step
+    from sgmft.train_loop import ClassificationLoss, train_step
     from sgmft.config import image_size_of
 
     cfg = load_config(REPO / "jobs" / "configs" / "demo.yaml", overrides)
@@ -113,7 +113,8 @@ def compute_bound(overrides: list[str], rows: dict[str, int]) -> dict:
         with torch.no_grad():
             features = model.features(ids, pixels)
         optimizer, scheduler = build_optimization(model.head, cfg.train, torch.device("cpu"), total_updates=10_000)
-        head_batch, loss_fn = {"label_id": labels, **vars(features)}, torch.nn.CrossEntropyLoss()
+        head_batch = {"label_id": labels, **vars(features)}
+        loss_fn = ClassificationLoss(torch.nn.CrossEntropyLoss())
 
         def backbone_forward():
             with torch.no_grad():

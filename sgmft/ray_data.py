@@ -124,6 +124,10 @@ def preprocessed(
     # average, 1.3-1.45 with it off). A dataset's context is its own copy, not the
     # global one, and this pipeline is linear, so nothing else is starved by it.
     out.context.op_resource_reservation_enabled = False
+    # Blocks in input order, not in the order parallel tasks finish: a config and its seed
+    # then give the same batches on every run, and a run resumed after a crash replays its
+    # epoch exactly (a materialized split keeps this order; streaming waits for a slow task).
+    out.context.execution_options.preserve_order = True
     return out
 
 

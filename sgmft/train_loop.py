@@ -20,7 +20,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -201,7 +201,7 @@ class WorkerRun:
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: Any
-    loss_fn: torch.nn.Module
+    loss_fn: LossFn
     steps_per_epoch: int
     start_epoch: int = 0
     global_step: int = 0
@@ -251,13 +251,22 @@ def _restored_state(model: torch.nn.Module, session: RayTrainSession) -> dict[st
         return torch.load(Path(directory) / TRAIN_STATE, map_location="cpu", weights_only=True)
 
 
-def setup_worker(spec: WorkerSpec, session: RayTrainSession | None = None) -> WorkerRun:
-    """Model on its device, optimizer and schedule (restored when resuming), DDP, loss.
-
-    On cached features (``spec.head_widths``) the model is the head alone: no backbone
-    is built, and checkpoints hold the head (completed with its backbone on export).
-    """
+def sgmft_task(spec: WorkerSpec) -> tuple[torch.nn.Module, LossFn]:
+    """SG-MFT and its classification loss. On cached features (``spec.head_widths``) the model
+    is the head alone: no backbone is built, and checkpoints hold the head (completed with
+    its backbone on export)."""
     from sgmft.models.model import SGMFTHeadModel, build_model
+
+    cfg = spec.config
+    model = SGMFTHeadModel(cfg.model, **spec.head_widths) if spec.head_widths else build_model(cfg.model, load_pretrained=True)
+    weights = torch.tensor(spec.class_weights, dtype=torch.float32) if spec.class_weights else None
+    return model, ClassificationLoss(torch.nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.train.label_smoothing))
+
+
+def setup_worker(spec: WorkerSpec, session: RayTrainSession | None = None,
+                 task: Callable[[WorkerSpec], tuple[torch.nn.Module, LossFn]] = sgmft_task) -> WorkerRun:
+    """The ``task``'s model on its device with its loss, optimizer and schedule (restored when
+    resuming), wrapped for DDP."""
     from sgmft.optim import build_optimization
 
     started = time.monotonic()
@@ -272,13 +281,13 @@ def setup_worker(spec: WorkerSpec, session: RayTrainSession | None = None) -> Wo
         raise ValueError(f"{spec.train_rows} training rows give no full batch of {cfg.data.batch_size} per worker on {world} workers")
     total_updates = math.ceil(steps_per_epoch / cfg.train.grad_accum_steps) * cfg.train.epochs
 
-    model = SGMFTHeadModel(cfg.model, **spec.head_widths) if spec.head_widths else build_model(cfg.model, load_pretrained=True)
+    model, loss_fn = task(spec)
     state = _restored_state(model, session)
     optimizer, scheduler = build_optimization(model, cfg.train, device, total_updates, state)
-    weights = torch.tensor(spec.class_weights, dtype=torch.float32, device=device) if spec.class_weights else None
+    if isinstance(getattr(loss_fn, "criterion", None), torch.nn.Module):
+        loss_fn.criterion.to(device)  # class weights sit with the logits
     run = WorkerRun(cfg=cfg, labels=spec.labels, rank=rank, world=world, device=device,
-                    model=session.prepare_model(model), optimizer=optimizer, scheduler=scheduler,
-                    loss_fn=torch.nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.train.label_smoothing),
+                    model=session.prepare_model(model), optimizer=optimizer, scheduler=scheduler, loss_fn=loss_fn,
                     steps_per_epoch=steps_per_epoch, progress=Reporter(spec.run_dir) if rank == 0 else None,
                     session=session)
     if state is not None:
@@ -295,10 +304,24 @@ def _accumulation_divisor(step: int, steps_per_epoch: int, accum: int) -> int:
     return min(accum, steps_per_epoch - group_start)
 
 
-def train_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], loss_fn: torch.nn.Module,
+class ClassificationLoss:
+    """SG-MFT's loss: ``criterion`` (cross-entropy) of the model's logits against ``label_id``."""
+
+    def __init__(self, criterion: torch.nn.Module):
+        self.criterion = criterion
+
+    def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.criterion(model(**_model_inputs(batch)).logits.float(), batch["label_id"])
+
+
+LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+"""A batch's loss under a model: :class:`ClassificationLoss`, or contrastive pretraining's."""
+
+
+def train_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], loss_fn: LossFn,
                optimizer: torch.optim.Optimizer, scheduler: Any, *, autocast: Any, max_grad_norm: float,
                loss_scale: float = 1.0, update: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One training step of SG-MFT: forward, loss, backward and, when ``update``, gradient
+    """One training step: forward and ``loss_fn``, backward and, when ``update``, gradient
     clipping, the optimizer and the schedule. Returns the (detached) loss and, after an
     update, the gradient norm before clipping; neither is read back to the host here.
 
@@ -306,8 +329,7 @@ def train_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], loss_fn: 
     non-final steps pass ``update=False`` (and run under DDP's ``no_sync``).
     """
     with autocast:
-        logits = model(**_model_inputs(batch)).logits
-        loss = loss_fn(logits.float(), batch["label_id"])
+        loss = loss_fn(model, batch)
     (loss / loss_scale).backward()
     grad_norm = None
     if update:
@@ -364,11 +386,12 @@ def train_epoch(run: WorkerRun, shard, epoch: int, marker: Path) -> EpochStats:
                                          autocast=_autocast(cfg, run.device), max_grad_norm=cfg.train.max_grad_norm,
                                          loss_scale=_accumulation_divisor(step, run.steps_per_epoch, accum), update=update)
         watch.observe(run.global_step, loss, grad_norm)
-        loss_sum += loss * len(batch["label_id"])
+        rows = len(next(iter(batch.values())))
+        loss_sum += loss * rows
         if grad_norm is not None:
             grad_sum += grad_norm.float()
             stats.updates += 1
-        stats.seen += len(batch["label_id"])
+        stats.seen += rows
         run.global_step += 1
         if step == 0:
             stats.first_step_s = time.monotonic() - started
@@ -488,7 +511,7 @@ def train_loop_per_worker(loop_config: dict[str, WorkerSpec]) -> None:
 def build_trainer(spec: WorkerSpec, datasets: dict, cpus_per_worker: float | None = None, run_config=None):
     """A TorchTrainer that runs :func:`run_worker` on ``spec``; Tune trials pass their own
     run_config and CPU share."""
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     t = spec.config.train
@@ -508,9 +531,21 @@ def build_trainer(spec: WorkerSpec, datasets: dict, cpus_per_worker: float | Non
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),
         run_config=run_config,
         datasets=datasets,
-        # one worker reads the whole datasets: no streaming split, so no split-coordinator actor per dataset
-        dataset_config=DataConfig(datasets_to_split=[]) if t.num_workers == 1 else None,
+        dataset_config=_dataset_config(t.num_workers),
     )
+
+
+def _dataset_config(num_workers: int):
+    """How Ray Train hands the datasets to the workers: in order, so that a seed gives the same
+    batches on every run and a resumed epoch replays them (Ray Train's default ingest options
+    let blocks arrive in whatever order they come, which changed the first epoch's loss between
+    two runs of the same seed); one worker reads the whole datasets (no streaming split, so no
+    split-coordinator actor per dataset)."""
+    from ray.train import DataConfig
+
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return DataConfig(datasets_to_split=[] if num_workers == 1 else "all", execution_options=options)
 
 
 def worker_resources(cfg: Config, cpus_per_worker: float | None = None) -> dict[str, float]:

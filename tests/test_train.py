@@ -20,45 +20,34 @@ def tiny_config(tmp_path: Path, *overrides: str):
     ])
 
 
-def test_a_worker_crash_mid_epoch_resumes_without_losing_or_repeating_epochs(ray_cluster, tmp_path):
-    from sgmft.data.schema import split_rows
-    from sgmft.train import train
-
-    # ~200 train rows / 2 workers / 16 = 6 steps per epoch: step 8 is in the middle of epoch 2
-    cfg = tiny_config(tmp_path, "train.run_name=crash", "train.fail_once_at_step=8", "train.max_failures=1", "train.epochs=2")
-    outcome = train(cfg, evaluate_test=False)  # the test split's evaluation is the next test's
-    run_dir = tmp_path / "crash"
-    assert (run_dir / ".fail_once_done").read_text().startswith("crashed at step 8")
-    assert [h["epoch"] for h in outcome.history] == [1, 2]
-    assert outcome.best["global_step"] in (6, 12)
-    metrics = json.loads((outcome.model_dir / "metrics.json").read_text())
-    assert [h["epoch"] for h in metrics["history"]] == [1, 2]
-    assert metrics["version"].startswith("crash-epoch")
-    assert split_rows(outcome.dataset_dir, "train") // 2 // 16 == 6
-    assert {p.name for p in outcome.model_dir.iterdir()} >= {"config.json", "labels.json", "metrics.json", "model.safetensors"}
-    assert not (outcome.model_dir / "train_state.pt").exists()
-
-    # the same run name again, with one more epoch, continues from the last checkpoint
-    again = train(tiny_config(tmp_path, "train.run_name=crash", "train.epochs=3"), evaluate_test=False)
-    assert [h["epoch"] for h in again.history] == [1, 2, 3]
-    assert again.best["global_step"] in (6, 12, 18)
-
-
-def test_a_run_crashed_mid_epoch_ends_with_the_losses_of_an_uninterrupted_one(ray_cluster, tmp_path):
-    """Resume is exact: weights, optimizer, schedule and RNG come back as saved, and the epoch
-    replays the same batches with the same dropout. One worker, since with two the streaming
-    split may deal the blocks to the ranks in another order on the rerun (then each epoch sees
-    the same posts, but not the same batches)."""
+def test_a_run_crashed_mid_epoch_resumes_exactly_and_a_rerun_continues_it(ray_cluster, tmp_path):
+    """A worker killed in the middle of epoch 2 costs no epoch, and resume is exact: weights,
+    optimizer, schedule and RNG come back as saved and the epoch replays the same batches with
+    the same dropout, so the run ends with the losses of an uninterrupted one. One worker: with
+    two, the streaming split may deal the blocks to the ranks in another order on the rerun
+    (each epoch then sees the same posts, but not in the same batches)."""
     from sgmft.train import train
 
     one = ("train.num_workers=1", "train.cpus_per_worker=1", "train.epochs=2")
     steady = train(tiny_config(tmp_path, "train.run_name=steady", *one), evaluate_test=False)
     steps = steady.best["global_step"] // 2
-    crashed = train(tiny_config(tmp_path, "train.run_name=crashed", *one, f"train.fail_once_at_step={steps + steps // 2}",
-                                "train.max_failures=1"), evaluate_test=False)
-    assert (tmp_path / "crashed" / ".fail_once_done").is_file()
+    cfg = tiny_config(tmp_path, "train.run_name=crash", *one, f"train.fail_once_at_step={steps + steps // 2}", "train.max_failures=1")
+    crashed = train(cfg, evaluate_test=False)  # the test split's evaluation is the next test's
+    assert (tmp_path / "crash" / ".fail_once_done").read_text().startswith(f"crashed at step {steps + steps // 2}")
+    assert [h["epoch"] for h in crashed.history] == [1, 2]
     for key in ("train_loss", "val_accuracy", "grad_norm", "lr"):
         assert [h[key] for h in crashed.history] == pytest.approx([h[key] for h in steady.history], rel=1e-5), key
+    metrics = json.loads((crashed.model_dir / "metrics.json").read_text())
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2]
+    assert metrics["version"].startswith("crash-epoch")
+    assert {p.name for p in crashed.model_dir.iterdir()} >= {"config.json", "labels.json", "metrics.json", "model.safetensors"}
+    assert not (crashed.model_dir / "train_state.pt").exists()
+
+    # the same run name again, with one more epoch, continues from the last checkpoint
+    again = train(tiny_config(tmp_path, "train.run_name=crash", "train.num_workers=1", "train.cpus_per_worker=1", "train.epochs=3"),
+                  evaluate_test=False)
+    assert [h["epoch"] for h in again.history] == [1, 2, 3]
+    assert again.best["global_step"] in (steps, 2 * steps, 3 * steps)
 
 
 def test_training_learns_the_low_noise_synthetic_set(ray_cluster, tmp_path):
