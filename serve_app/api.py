@@ -21,8 +21,9 @@ import base64
 import binascii
 import json
 import time
-from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -38,7 +39,7 @@ from sgmft.config import PAD_TOKEN_ID, ServeConfig
 from sgmft.data.labels import display_name
 from sgmft.data.preprocess import ImageDecodeError, PreprocessSpec, preprocess_batch, tokenize
 from serve_app.auth import install_api_keys
-from serve_app.errors import ApiError, error_response, format_validation_errors, install_error_handlers
+from serve_app.errors import RETRY_AFTER, ApiError, error_response, format_validation_errors, install_error_handlers
 from serve_app.metrics import NullMetrics
 from serve_app.schemas import (
     MULTIPART_SCHEMA, BatchItemResult, BatchResponse, ErrorDetail, ErrorResponse, HealthResponse, LabelsResponse,
@@ -247,6 +248,50 @@ class RequestMetricsMiddleware:
             self.metrics.observe_request(self.route_of(scope), scope.get("method", ""), status, time.perf_counter() - start)
 
 
+class Admission:
+    """The posts this ingress holds at once (decoding, batching, at the model), bounded: one
+    over the bound is refused 503 with Retry-After before anything is spent on it, so the
+    posts admitted keep their latency however many clients send."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.held = 0
+
+    def full(self) -> bool:
+        return self.held >= self.limit
+
+    @contextmanager
+    def hold(self, posts: int) -> Iterator[None]:
+        if self.held + posts > self.limit:
+            raise ApiError(503, "overloaded", f"this server holds {self.held} posts, at most {self.limit} "
+                           f"(serve.ingress_max_posts); {posts} more must wait: retry later", RETRY_AFTER)
+        self.held += posts
+        try:
+            yield
+        finally:
+            self.held -= posts
+
+
+class AdmissionMiddleware:
+    """A POST that arrives while :class:`Admission` is full is answered 503 before its body
+    is parsed: refusing must cost far less than serving, or refusals eat the capacity. The
+    body is read and dropped so the connection stays usable (no reconnect per refusal)."""
+
+    def __init__(self, app: ASGIApp, admission: Admission):
+        self.app = app
+        self.admission = admission
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("method") != "POST" or not self.admission.full():
+            return await self.app(scope, receive, send)
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect" or not message.get("more_body", False):
+                break
+        message = f"this server holds its most posts ({self.admission.limit}, serve.ingress_max_posts): retry later"
+        await error_response(503, "overloaded", message, RETRY_AFTER)(scope, receive, send)
+
+
 # --- the app ------------------------------------------------------------------------
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -255,7 +300,11 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     415: {"model": ErrorResponse, "description": "Content-Type not accepted by this route."},
     422: {"model": ErrorResponse, "description": "Missing or invalid field, invalid base64, unusable image "
                                                   "(code image_too_large, image_undecodable, image_truncated, ...)."},
-    503: {"model": ErrorResponse, "description": "The model is overloaded or unavailable; retry later."},
+    500: {"model": ErrorResponse, "description": "Code batch_killed_replicas: model replicas died in a row running "
+                                                  "the batch this post was in (serve.max_replica_deaths)."},
+    503: {"model": ErrorResponse, "description": "Overloaded (more posts than serve.ingress_max_posts), or the model "
+                                                  "is unavailable or did not answer in time; retry after Retry-After.",
+          "headers": {"Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}}},
 }
 
 DESCRIPTION = """Semantic location prediction for Weibo-style posts (Chinese text + one image) with SG-MFT.
@@ -272,26 +321,48 @@ class PostPredictor:
     spec: PreprocessSpec
     max_text_chars: int
     metrics: Metrics
+    admission: Admission = field(default_factory=lambda: Admission(1 << 30))
 
-    async def predict(self, text: str, image: bytes) -> dict[str, Any]:
+    async def predict(self, text: str, image: bytes, gone: Callable[[], Awaitable[bool]] | None = None) -> dict[str, Any]:
+        """``gone``: whether the client has disconnected, asked once the post is prepared, so
+        that a post nobody waits for never reaches the model."""
         start = time.perf_counter()
         with self.backend.preparing():  # the batcher waits for posts being prepared
             post = await run_in_threadpool(prepare_post, text, image, self.spec, self.max_text_chars)
         self.metrics.observe_preprocess(time.perf_counter() - start)
+        if gone is not None and await gone():
+            raise ApiError(499, "client_gone", "the client disconnected before its post reached the model")
         out = await self.backend.predict(post.input_ids, post.pixel_values)
         return {"label": out["top_k"][0]["label"], "top_k": out["top_k"], "text_truncated": post.text_truncated,
                 "batch_size": out["batch_size"]}
 
-    async def batch_item(self, index: int, raw: Any) -> BatchItemResult:
-        """A post of a batch request: its own error object when it cannot be used."""
-        post_id = raw.get("post_id") if isinstance(raw, dict) else None
-        post_id = post_id if isinstance(post_id, str) and is_valid_unicode(post_id) else None  # echoed even on error
+    async def predict_one(self, text: str, image: bytes, gone: Callable[[], Awaitable[bool]]) -> dict[str, Any]:
+        with self.admission.hold(1):
+            return await self.predict(text, image, gone)
+
+    async def batch(self, items: list[Any], gone: Callable[[], Awaitable[bool]]) -> list[BatchItemResult]:
+        """The posts of a batch request, admitted together. A post that cannot be used gets
+        its own error; one the server cannot answer (model unavailable, overloaded) fails the
+        request with its 5xx, as the single route does, so a client retries it whole."""
+        posts = [parse_post(raw, prefix=f"posts[{i}].") for i, raw in enumerate(items)]  # the schema, as documented
+        with self.admission.hold(len(posts)):
+            results = await asyncio.gather(*(self.batch_item(i, post, gone) for i, post in enumerate(posts)),
+                                           return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return results
+
+    async def batch_item(self, index: int, post: PostIn, gone: Callable[[], Awaitable[bool]]) -> BatchItemResult:
+        """A post of a batch request: its own error object when its image cannot be used."""
         try:
-            post = parse_post(raw, prefix=f"posts[{index}].")
-            result = await self.predict(post.text, decode_base64_image(post.image_base64))
+            result = await self.predict(post.text, decode_base64_image(post.image_base64), gone)
         except ApiError as exc:
-            return BatchItemResult(index=index, post_id=post_id, error=ErrorDetail(code=exc.code, message=exc.message))
-        return BatchItemResult(index=index, post_id=post_id, **result)
+            if exc.status >= 500 or exc.status == 499:
+                raise
+            return BatchItemResult(index=index, post_id=post.post_id,
+                                   error=ErrorDetail(code=exc.code, message=exc.message))
+        return BatchItemResult(index=index, post_id=post.post_id, **result)
 
 
 def batch_posts(body: Any, max_items: int) -> list[Any]:
@@ -320,10 +391,11 @@ def create_api(backend: Backend, serve_cfg: ServeConfig, spec: PreprocessSpec, m
     info = backend.info
     version = str(info["version"])
     metrics = metrics or NullMetrics()
-    posts = PostPredictor(backend, spec, serve_cfg.max_text_chars, metrics)
+    posts = PostPredictor(backend, spec, serve_cfg.max_text_chars, metrics, Admission(serve_cfg.ingress_max_posts))
     app = FastAPI(title="SG-MFT semantic location prediction", version=version, description=DESCRIPTION)
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=serve_cfg.max_body_bytes)
+    app.add_middleware(AdmissionMiddleware, admission=posts.admission)
     install_api_keys(app, serve_cfg.api_key_env, metrics)  # serve.api_key_env; inside the metrics, outside the body limit
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics, routes=app.router.routes)
 
@@ -337,18 +409,19 @@ def create_api(backend: Backend, serve_cfg: ServeConfig, spec: PreprocessSpec, m
             text, image, post_id = post.text, decode_base64_image(post.image_base64), post.post_id
         else:
             text, image, post_id = await read_multipart(request, serve_cfg.max_body_bytes)
-        return Prediction(post_id=post_id, model_version=version, **await posts.predict(text, image))
+        return Prediction(post_id=post_id, model_version=version, **await posts.predict_one(text, image, request.is_disconnected))
 
     @app.post("/v1/predict/batch", response_model=BatchResponse, response_model_exclude_none=True, responses=ERROR_RESPONSES,
               openapi_extra=body_schema({JSON_TYPE: batch_request_schema(serve_cfg.max_batch_items)}))
     async def predict_batch(request: Request) -> BatchResponse:
         """Predict up to serve.max_batch_items posts, sent as `{"posts": [...]}` or as a bare JSON list.
-        A post that cannot be used (missing field, bad base64, unusable image) gets its own `error`;
-        the others still answer (HTTP 200)."""
+        A post whose fields do not match the schema fails the request (422, naming it); a post whose
+        image cannot be used (bad base64, undecodable) gets its own `error` and the others still
+        answer (HTTP 200)."""
         require_media_type(request, (JSON_TYPE,))
         items = batch_posts(await read_json(request), serve_cfg.max_batch_items)
         # Items are batched in the ingress with every other request's posts before the model call.
-        results = await asyncio.gather(*(posts.batch_item(i, raw) for i, raw in enumerate(items)))
+        results = await posts.batch(items, request.is_disconnected)
         failed = sum(r.error is not None for r in results)
         return BatchResponse(model_version=version, results=results, num_ok=len(results) - failed, num_failed=failed)
 

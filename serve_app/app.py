@@ -12,6 +12,7 @@ the entry point of ``serve_config.yaml`` (``import_path: serve_app.app:app_build
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
@@ -21,17 +22,22 @@ from typing import Any
 import numpy as np
 from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.serve.config import BackpressureConfig
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from sgmft.config import Config, ConfigError, ServeConfig, apply_overrides, config_from_dict, load_config
-from serve_app.errors import ApiError
+from serve_app.errors import RETRY_AFTER, ApiError
 from sgmft.model_dir import resolve_source
 
 INGRESS_NAME, MODEL_NAME = "SGMFTIngress", "SGMFTModel"
 # What a handle call raises when the replica serving it died or is going away; the post is
 # then retried on another replica (predictions are idempotent).
 REPLICA_GONE = (ActorDiedError, ActorUnavailableError, RayActorError, ReplicaUnavailableError)
+# Test-only: a model replica exits when a post's text is this value (tests set it on the
+# app's runtime env to check that poisonous batches end). Unset, nothing a client sends can
+# reach that exit.
+CRASH_TEXT_ENV = "SGMFT_TEST_CRASH_ON_TEXT"
 
 
 @dataclass
@@ -60,6 +66,13 @@ class ServedModel:
         self._failure: str | None = None
         self._metrics = ModelMetrics()
         self.runner.warmup(min(max_batch_size, 2))
+        self._crash_ids = self._crash_trigger()
+
+    def _crash_trigger(self) -> np.ndarray | None:
+        from sgmft.data.preprocess import tokenize
+
+        text = os.environ.get(CRASH_TEXT_ENV)
+        return None if not text else tokenize([text], self.runner.spec.context_length)[0]
 
     def run(self, batches: list[PostBatch]) -> list[list[dict[str, Any]]]:
         """Each batch's posts -> their top-k labels and the size of the forward they ran in.
@@ -69,6 +82,8 @@ class ServedModel:
         """
         input_ids = np.concatenate([b.input_ids for b in batches])
         pixel_values = np.concatenate([b.pixel_values for b in batches])
+        if self._crash_ids is not None and (input_ids == self._crash_ids).all(axis=1).any():
+            os._exit(1)  # test-only (CRASH_TEXT_ENV): a post that kills its replica
         results: list[dict[str, Any]] = []
         for i in range(0, len(input_ids), self._max_batch_size):
             forward_start = time.time()
@@ -158,7 +173,8 @@ class SGMFTIngress:
         self.info: dict[str, Any] = self._local.runner.info() if self._local else await model.info.remote()
         self._spec = spec_from_info(self.info)
         self._metrics = IngressMetrics()
-        self._batcher = AdaptiveBatcher(self._send, serve_cfg.max_batch_size, batches_in_flight(serve_cfg))
+        self._batcher = AdaptiveBatcher(self._send, s.max_batch_size, batches_in_flight(s), s.ingress_max_posts)
+        self._retrying = 0  # batches waiting to be retried on another model replica
 
     def __serve_build_asgi_app__(self):
         from serve_app.api import create_api
@@ -170,7 +186,12 @@ class SGMFTIngress:
 
     async def predict(self, input_ids: np.ndarray, pixel_values: np.ndarray) -> dict[str, Any]:
         """One post's model inputs -> ``{"top_k", "batch_size"}``, batched with concurrent posts."""
-        return await self._batcher.submit((input_ids, pixel_values))
+        from serve_app.batching import QueueFull
+
+        try:
+            return await self._batcher.submit((input_ids, pixel_values))
+        except QueueFull as exc:
+            raise ApiError(503, "overloaded", f"{exc}; retry later", RETRY_AFTER) from exc
 
     async def _send(self, posts: list[tuple[np.ndarray, np.ndarray]]) -> list[dict[str, Any]]:
         batch = PostBatch(np.stack([ids for ids, _ in posts]), np.stack([pixels for _, pixels in posts]), time.time())
@@ -179,24 +200,49 @@ class SGMFTIngress:
         return await self._call_model(batch)
 
     async def _call_model(self, batch: PostBatch) -> list[dict[str, Any]]:
-        """One model call, retried while replicas die, until ``serve.retry_deadline_s``."""
-        deadline = time.monotonic() + self._serve_cfg.retry_deadline_s
-        delay = 0.05
+        """One model call, retried while replicas die, until ``serve.retry_deadline_s``; each
+        attempt is bounded by what is left of it, so a replica that hangs cannot hold the
+        batch, and a batch during which ``serve.max_replica_deaths`` replicas died in a row
+        is not sent to another: the likeliest cause is the batch itself."""
+        s = self._serve_cfg
+        deadline = time.monotonic() + s.retry_deadline_s
+        delay, dead = 0.05, set()
         while True:
             batch.sent = time.time()
             try:
-                return await self._model.run.remote(batch)
+                return await asyncio.wait_for(self._model.run.remote(batch), max(deadline - time.monotonic(), 0.001))
+            except asyncio.TimeoutError as exc:
+                raise ApiError(503, "model_timeout", "no model replica answered within serve.retry_deadline_s="
+                               f"{s.retry_deadline_s:g}s", RETRY_AFTER) from exc
             except BackPressureError as exc:
-                raise ApiError(503, "overloaded", f"the model's queue is full, retry later ({exc})", {"Retry-After": "1"}) from exc
+                raise ApiError(503, "overloaded", f"the model's queue is full, retry later ({exc})", RETRY_AFTER) from exc
             except DeploymentUnavailableError as exc:
-                raise ApiError(503, "model_unavailable", f"the model deployment is unavailable: {exc}", {"Retry-After": "1"}) from exc
+                raise ApiError(503, "model_unavailable", f"the model deployment is unavailable: {exc}", RETRY_AFTER) from exc
             except REPLICA_GONE as exc:
-                if time.monotonic() + delay > deadline:
-                    raise ApiError(503, "model_unavailable", "no model replica answered before the retry deadline "
-                                   f"({type(exc).__name__})", {"Retry-After": "1"}) from exc
-                self._metrics.observe_retry()
+                if not isinstance(exc, ActorUnavailableError):  # unreachable for now is not dead
+                    dead.add(replica_of(exc))  # the same dead replica seen twice counts once
+                self._check_retry(len(dead), deadline, delay, exc)
+            self._metrics.observe_retry()
+            self._retrying += 1
+            try:
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
+            finally:
+                self._retrying -= 1
+            delay = min(delay * 2, 1.0)
+
+    def _check_retry(self, deaths: int, deadline: float, delay: float, exc: Exception) -> None:
+        """Raise the error that ends a batch whose model replica went away, or return to retry it."""
+        s = self._serve_cfg
+        if deaths >= s.max_replica_deaths:
+            self._metrics.observe_killer_batch()
+            raise ApiError(500, "batch_killed_replicas", f"{deaths} model replicas died in a row while running the batch "
+                           f"this post was in (serve.max_replica_deaths={s.max_replica_deaths}); it is not retried") from exc
+        if time.monotonic() + delay > deadline:
+            raise ApiError(503, "model_unavailable", "no model replica answered before the retry deadline "
+                           f"({type(exc).__name__})", RETRY_AFTER) from exc
+        if self._retrying >= batches_in_flight(s):
+            raise ApiError(503, "model_unavailable", f"{self._retrying} batches are already waiting for a model replica; "
+                           "retry later", RETRY_AFTER) from exc
 
     def check_health(self) -> None:
         if not self.info.get("labels"):
@@ -232,6 +278,29 @@ def autoscaling_config(min_replicas: int, max_replicas: int, target_ongoing: flo
     }
 
 
+def replica_of(exc: Exception) -> str:
+    """The model replica an error names (a new object where it names none: counted alone)."""
+    return str(getattr(exc, "actor_id", None) or getattr(exc, "_replica_id", None) or id(exc))
+
+
+def cpus_of_cluster() -> int:
+    """The CPUs Ray reports, at least 1; 1 where this process is not connected to Ray (an app
+    built only to be checked)."""
+    import ray
+
+    return max(1, int(ray.cluster_resources().get("CPU", 1))) if ray.is_initialized() else 1
+
+
+def default_ingress_replicas(s: ServeConfig) -> int:
+    """One ingress replica per CPU that Ray reports, as many as fit beside the model replicas'
+    reservation (the CPU side of serving scales with the node)."""
+    cpus = cpus_of_cluster()
+    per_ingress = s.num_cpus_per_replica if s.ingress_cpus_per_replica is None else s.ingress_cpus_per_replica
+    models = 0.0 if s.model_placement == "ingress" else s.num_cpus_per_replica * s.max_replicas
+    fit = int((cpus - models) / per_ingress) if per_ingress > 0 else cpus
+    return max(1, min(cpus, fit))
+
+
 def ingress_max_replicas(s: ServeConfig) -> int:
     return max(s.ingress_replicas, s.ingress_max_replicas or s.ingress_replicas)
 
@@ -246,37 +315,44 @@ def batches_in_flight(s: ServeConfig) -> int:
     return max(2, batches_per_replica(s) * s.max_replicas)
 
 
-def build_app(cfg: Config) -> serve.Application:
+def build_app(cfg: Config, replica_env: dict[str, str] | None = None) -> serve.Application:
     """The ingress bound to the model deployment, with the options of ``cfg.serve``; with
     ``serve.model_placement: ingress`` the ingress alone, each replica holding the model.
 
     The model deployment's requests are batches, so its posts-based settings are divided
     by ``max_batch_size``: ``target_ongoing_requests: 8`` with batches of 16 aims for half
-    a batch in flight per replica (Serve takes fractional targets).
+    a batch in flight per replica (Serve takes fractional targets). ``replica_env``: environment
+    variables of the model's replicas (tests set ``CRASH_TEXT_ENV`` there).
     """
     s = cfg.serve
     if not s.model_dir:
         raise ConfigError("serve.model_dir: empty; give a model directory path or URI (s3://, gs://, file://)")
-    s = replace(s, model_dir=resolve_source(s.model_dir))
-    ingress_resources: dict[str, float] = {
+    s = replace(s, model_dir=resolve_source(s.model_dir), ingress_replicas=s.ingress_replicas or default_ingress_replicas(s))
+    ingress_resources: dict[str, Any] = {
         "num_cpus": s.num_cpus_per_replica if s.ingress_cpus_per_replica is None else s.ingress_cpus_per_replica}
     model: serve.Application | None = None
+    env = {"runtime_env": {"env_vars": replica_env}} if replica_env else {}
     if s.model_placement == "ingress":
-        ingress_resources["num_gpus"] = s.num_gpus_per_replica
+        ingress_resources.update(num_gpus=s.num_gpus_per_replica, **env)
     else:
         queued_batches = max(2, batches_per_replica(s)) * ingress_max_replicas(s)  # every ingress's, all merged
         model = ModelDeployment.options(
             max_ongoing_requests=queued_batches,
+            max_queued_requests=queued_batches,
             autoscaling_config=autoscaling_config(s.min_replicas, s.max_replicas, s.target_ongoing_requests / s.max_batch_size,
                                                   s.upscale_delay_s, s.downscale_delay_s, s.initial_replicas),
-            ray_actor_options={"num_cpus": s.num_cpus_per_replica, "num_gpus": s.num_gpus_per_replica},
+            ray_actor_options={"num_cpus": s.num_cpus_per_replica, "num_gpus": s.num_gpus_per_replica, **env},
         ).bind(s.model_dir, s.max_batch_size, queued_batches, s.batch_wait_timeout_s, s.top_k, s.compile, s.cuda_graphs)
     replicas: dict[str, Any] = {"num_replicas": s.ingress_replicas}
     if ingress_max_replicas(s) > s.ingress_replicas:
         replicas = {"autoscaling_config": autoscaling_config(
             s.ingress_replicas, ingress_max_replicas(s), 2 * s.max_batch_size, s.upscale_delay_s, s.downscale_delay_s)}
+    # Requests over ingress_max_posts still reach the app, which refuses them in its own error
+    # shape within milliseconds; Serve's queue in front of it is a bound of last resort.
     return SGMFTIngress.options(
-        max_ongoing_requests=max(2 * s.max_ongoing_requests * s.max_replicas, 64),  # it mostly awaits the model
+        max_ongoing_requests=4 * s.ingress_max_posts,
+        max_queued_requests=s.ingress_max_posts,
+        backpressure_config=BackpressureConfig(status_code=503, retry_after_s=1),
         ray_actor_options=ingress_resources,
         **replicas,
     ).bind(model, s)

@@ -22,19 +22,28 @@ _PREPARE_EMA = 0.1
 """Weight of the newest preparation time in the running mean the batcher waits for."""
 
 
+class QueueFull(RuntimeError):
+    """The batcher's queue is at its bound: the caller sheds the item (HTTP 503)."""
+
+
 class AdaptiveBatcher(Generic[Item, Result]):
     """Groups concurrent ``submit`` calls into calls of ``send(items) -> results``.
 
     ``send`` gets at most ``max_batch_size`` items and returns one result per item, in order.
-    At most ``max_in_flight`` sends run at once; a send that raises fails its items only.
+    At most ``max_in_flight`` sends run at once; a send that raises fails its items only. At
+    most ``max_queued`` items wait: a ``submit`` beyond that raises :class:`QueueFull` at
+    once. An item whose waiter was cancelled (its client went away) is dropped unsent.
     """
 
-    def __init__(self, send: Callable[[list[Item]], Awaitable[Sequence[Result]]], max_batch_size: int, max_in_flight: int):
-        if max_batch_size < 1 or max_in_flight < 1:
-            raise ValueError(f"max_batch_size and max_in_flight must be >= 1, got {max_batch_size} and {max_in_flight}")
+    def __init__(self, send: Callable[[list[Item]], Awaitable[Sequence[Result]]], max_batch_size: int, max_in_flight: int,
+                 max_queued: int):
+        if min(max_batch_size, max_in_flight, max_queued) < 1:
+            raise ValueError(f"max_batch_size, max_in_flight and max_queued must be >= 1, got {max_batch_size}, "
+                             f"{max_in_flight} and {max_queued}")
         self._send = send
         self.max_batch_size = max_batch_size
         self.max_in_flight = max_in_flight
+        self.max_queued = max_queued
         self._queue: list[tuple[Item, asyncio.Future, float]] = []
         self._in_flight = 0
         self._preparing = 0
@@ -64,6 +73,10 @@ class AdaptiveBatcher(Generic[Item, Result]):
         self.prepare_s += _PREPARE_EMA * (time.monotonic() - start - self.prepare_s)
 
     async def submit(self, item: Item) -> Result:
+        if len(self._queue) >= self.max_queued:
+            self._drop_cancelled()
+            if len(self._queue) >= self.max_queued:
+                raise QueueFull(f"{len(self._queue)} posts are already waiting for the model (the most one ingress queues)")
         future: asyncio.Future = asyncio.get_running_loop().create_future()
         self._queue.append((item, future, time.monotonic()))
         self._pump()
@@ -83,9 +96,13 @@ class AdaptiveBatcher(Generic[Item, Result]):
         self._timer = None
         self._pump()
 
+    def _drop_cancelled(self) -> None:
+        self._queue = [entry for entry in self._queue if not entry[1].done()]
+
     def _pump(self) -> None:
         # Idle: send what is there once nothing more is on its way. Busy: send only full
         # batches, and only under the cap.
+        self._drop_cancelled()
         while self._queue and self._in_flight < self.max_in_flight and (
                 len(self._queue) >= self.max_batch_size or (self._in_flight == 0 and self._idle_may_send())):
             batch, self._queue = self._queue[:self.max_batch_size], self._queue[self.max_batch_size:]

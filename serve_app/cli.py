@@ -51,8 +51,10 @@ def serve_command(args: argparse.Namespace) -> int:
 
     from sgmft.local_ray import connect
     from serve_app.app import build_app
+    from serve_app.fastpath import use_fast_path
 
     external = bool(os.environ.get("RAY_ADDRESS"))
+    fast = None if external else use_fast_path()  # a joined cluster has its own proxy settings
     connect()
     s = cfg.serve
     serve.start(http_options={"host": s.host, "port": s.port})
@@ -63,6 +65,9 @@ def serve_command(args: argparse.Namespace) -> int:
         serve.run(build_app(cfg), name=args.name, route_prefix=s.route_prefix)
         prefix = s.route_prefix.rstrip("/")
         url = f"http://{s.host}:{s.port}{prefix}"
+        if fast is not None:
+            print(f"HAProxy ingress: its stats port {fast.stats_port} and metrics port {fast.metrics_port} listen on every "
+                  f"interface (keep them closed to the network); its files are in {fast.directory}", flush=True)
         print(f"serving {cfg.serve.model_dir} at {url}/v1/predict  (API docs: {url}/docs); Ctrl-C to stop", flush=True)
         while not stop.wait(1.0):
             pass
@@ -75,4 +80,6 @@ def serve_command(args: argparse.Namespace) -> int:
         else:
             serve.shutdown()
             ray.shutdown()
+            if fast is not None:
+                fast.stop_haproxy()  # Ray's shutdown leaves it running, holding the port
     return 0

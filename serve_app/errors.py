@@ -28,6 +28,10 @@ HTTP_STATUS_CODES = {
 }
 
 
+RETRY_AFTER = {"Retry-After": "1"}
+"""What a 503 tells the client: how long to wait before it sends again."""
+
+
 class ApiError(Exception):
     """A request the API refuses: HTTP status, a short machine-readable code and a message."""
 

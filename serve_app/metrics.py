@@ -25,6 +25,8 @@ class IngressMetrics:
         self.auth_refusals = Counter("sgmft_auth_refusals", description="Requests refused for a missing or invalid API key.",
                                      tag_keys=("reason",))
         self.retries = Counter("sgmft_model_retries", description="Model calls retried because a model replica died.")
+        self.killer_batches = Counter("sgmft_killer_batches", description="Batches answered 500 because serve.max_replica_deaths "
+                                                                          "model replicas died in a row running them.")
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
         self.requests.inc(tags={"route": route, "method": method, "status": str(status)})
@@ -39,6 +41,9 @@ class IngressMetrics:
 
     def observe_retry(self) -> None:
         self.retries.inc()
+
+    def observe_killer_batch(self) -> None:
+        self.killer_batches.inc()
 
 
 class ModelMetrics:

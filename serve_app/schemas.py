@@ -13,7 +13,7 @@ class PostIn(BaseModel):
     post_id: str | None = Field(None, description="Echoed back in the result, to match answers to posts.")
     text: str = Field(..., description="The post's text (Chinese). Longer than serve.max_text_chars: truncated, "
                                         "and the result says ``text_truncated: true``.")
-    image_base64: str = Field(..., description="The encoded image file (JPEG, PNG, WebP, GIF, BMP, ...) in "
+    image_base64: str = Field(..., min_length=1, description="The encoded image file (JPEG, PNG, WebP, GIF, BMP, ...) in "
                                                 "standard base64; a ``data:image/...;base64,`` prefix is accepted.")
 
     @field_validator("post_id")

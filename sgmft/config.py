@@ -277,8 +277,12 @@ class ServeConfig:
     ingress (min/max_replicas, target_ongoing_requests, initial_replicas), which a GPU wants.
     ``ingress``: every ingress replica loads the model and runs its own batches, with no
     process hop per batch: for CPU-only nodes, scaled with ``ingress_replicas``."""
-    ingress_replicas: int = 1
-    """HTTP ingress replicas (parsing, decoding, tokenising): the CPU side of serving."""
+    ingress_replicas: int | None = None
+    """HTTP ingress replicas (parsing, decoding, tokenising): the CPU side of serving. None:
+    one per CPU that Ray reports when the app is built."""
+    ingress_max_posts: int = 64
+    """Posts one ingress replica holds at once (decoding, batching, at the model): more are
+    answered 503 with Retry-After at once, so admitted posts keep their latency."""
     ingress_max_replicas: int | None = None
     """Above ``ingress_replicas``: the ingress autoscales up to this many replicas."""
     ingress_cpus_per_replica: float | None = None
@@ -289,7 +293,11 @@ class ServeConfig:
     """On a GPU (ignored on a CPU, and under ``compile``): capture the forward as a CUDA graph
     per batch-size bucket at start-up and replay it, instead of ~1,500 kernel launches a batch."""
     retry_deadline_s: float = 30.0
-    """A post whose model replica died is retried on another until this deadline, then 503."""
+    """A post whose model replica died is retried on another until this deadline, then 503;
+    an attempt on a replica that hangs ends at this deadline too."""
+    max_replica_deaths: int = 3
+    """A batch during which this many model replicas died in a row is not sent to another:
+    its posts are answered 500 ``batch_killed_replicas``."""
     max_body_bytes: int = 10 * 1024 * 1024
     max_text_chars: int = 2000
     """Longer texts are truncated to this many characters (then to context_length tokens)."""
@@ -457,9 +465,12 @@ def validate(config: Config) -> None:
         (s.max_ongoing_requests >= s.max_batch_size, "serve.max_ongoing_requests", f"must be >= serve.max_batch_size={s.max_batch_size} or batches never fill"),
         (1 <= s.min_replicas <= s.max_replicas, "serve.min_replicas", "must satisfy 1 <= min_replicas <= max_replicas"),
         (s.max_body_bytes > 0, "serve.max_body_bytes", "must be > 0"),
-        (s.ingress_replicas >= 1, "serve.ingress_replicas", "must be >= 1"),
-        (s.ingress_max_replicas is None or s.ingress_max_replicas >= s.ingress_replicas, "serve.ingress_max_replicas",
+        (s.ingress_replicas is None or s.ingress_replicas >= 1, "serve.ingress_replicas", "must be >= 1 (or empty: one per CPU)"),
+        (s.ingress_max_replicas is None or s.ingress_max_replicas >= (s.ingress_replicas or 1), "serve.ingress_max_replicas",
          f"must be >= serve.ingress_replicas={s.ingress_replicas}"),
+        (s.ingress_max_posts >= s.max_batch_size, "serve.ingress_max_posts",
+         f"must be >= serve.max_batch_size={s.max_batch_size} or batches never fill"),
+        (s.max_replica_deaths >= 1, "serve.max_replica_deaths", "must be >= 1"),
         (s.retry_deadline_s >= 0, "serve.retry_deadline_s", "must be >= 0"),
         (s.api_key_env is None or re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", s.api_key_env) is not None, "serve.api_key_env",
          f"{s.api_key_env!r} is not an environment variable name (letters, digits, _); null turns API keys off"),

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from serve_app.batching import AdaptiveBatcher
+from serve_app.batching import AdaptiveBatcher, QueueFull
 
 
 class Model:
@@ -36,7 +36,7 @@ def test_an_idle_batcher_sends_at_once():
     async def main():
         model = Model()
         model.release.set()
-        batcher = AdaptiveBatcher(model.send, max_batch_size=8, max_in_flight=2)
+        batcher = AdaptiveBatcher(model.send, max_batch_size=8, max_in_flight=2, max_queued=64)
         assert await asyncio.wait_for(batcher.submit(3), timeout=1.0) == 30
         assert model.batches == [[3]]
 
@@ -46,7 +46,7 @@ def test_an_idle_batcher_sends_at_once():
 def test_posts_arriving_while_busy_leave_together_in_full_batches_under_the_cap():
     async def main():
         model = Model()
-        batcher = AdaptiveBatcher(model.send, max_batch_size=4, max_in_flight=2)
+        batcher = AdaptiveBatcher(model.send, max_batch_size=4, max_in_flight=2, max_queued=64)
         first = asyncio.ensure_future(batcher.submit(0))
         await asyncio.sleep(0)
         rest = [asyncio.ensure_future(batcher.submit(i)) for i in range(1, 14)]
@@ -65,7 +65,7 @@ def test_posts_arriving_while_busy_leave_together_in_full_batches_under_the_cap(
 def test_a_failed_send_fails_its_own_posts_only():
     async def main():
         model = Model(fail_on=1)
-        batcher = AdaptiveBatcher(model.send, max_batch_size=1, max_in_flight=1)
+        batcher = AdaptiveBatcher(model.send, max_batch_size=1, max_in_flight=1, max_queued=64)
         futures = [asyncio.ensure_future(batcher.submit(i)) for i in range(3)]
         await asyncio.sleep(0)
         model.release.set()
@@ -77,14 +77,37 @@ def test_a_failed_send_fails_its_own_posts_only():
 
 def test_bad_limits_are_refused():
     with pytest.raises(ValueError, match="max_batch_size"):
-        AdaptiveBatcher(Model().send, max_batch_size=0, max_in_flight=1)
+        AdaptiveBatcher(Model().send, max_batch_size=0, max_in_flight=1, max_queued=64)
+    with pytest.raises(ValueError, match="max_queued"):
+        AdaptiveBatcher(Model().send, max_batch_size=1, max_in_flight=1, max_queued=0)
+
+
+def test_a_full_queue_refuses_at_once_and_cancelled_posts_are_dropped_unsent():
+    async def main():
+        model = Model()
+        batcher = AdaptiveBatcher(model.send, max_batch_size=2, max_in_flight=1, max_queued=3)
+        busy = asyncio.ensure_future(batcher.submit(0))  # sent at once; holds the only slot
+        await asyncio.sleep(0)
+        waiting = [asyncio.ensure_future(batcher.submit(i)) for i in (1, 2, 3)]
+        await asyncio.sleep(0)
+        with pytest.raises(QueueFull, match="3 posts"):
+            await batcher.submit(4)
+        waiting[1].cancel()  # its client went away: it leaves the queue and never reaches the model
+        await asyncio.sleep(0)
+        late = asyncio.ensure_future(batcher.submit(5))  # room again
+        model.release.set()
+        done = await asyncio.wait_for(asyncio.gather(busy, waiting[0], waiting[2], late), timeout=1.0)
+        assert done == [0, 10, 30, 50]
+        assert sorted(i for batch in model.batches for i in batch) == [0, 1, 3, 5]
+
+    asyncio.run(main())
 
 
 def test_an_idle_batcher_waits_for_posts_being_prepared_then_sends_them_together():
     async def main():
         model = Model()
         model.release.set()
-        batcher = AdaptiveBatcher(model.send, max_batch_size=8, max_in_flight=2)
+        batcher = AdaptiveBatcher(model.send, max_batch_size=8, max_in_flight=2, max_queued=64)
         batcher.prepare_s = 5.0  # long enough that only the preparations can release the batch
         decoded = asyncio.Event()
 
@@ -114,7 +137,7 @@ def test_the_wait_for_posts_being_prepared_is_bounded_by_the_usual_preparation_t
     async def main():
         model = Model()
         model.release.set()
-        batcher = AdaptiveBatcher(model.send, max_batch_size=8, max_in_flight=2)
+        batcher = AdaptiveBatcher(model.send, max_batch_size=8, max_in_flight=2, max_queued=64)
         batcher.prepare_s = 0.05
         stuck = asyncio.Event()
 
