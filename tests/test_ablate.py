@@ -136,7 +136,7 @@ def test_a_small_ablation_writes_intervals_and_per_case_rows(ray_cluster, tmp_pa
     cfg = load_config(REPO / "jobs" / "configs" / "demo.yaml", [
         f"train.storage_path={tmp_path}", "train.run_name=ablate", f"data.path={dataset}", "data.batch_size=16",
         "train.num_workers=1", "tune.cpus_per_worker=0.25", "train.epochs=1"])
-    outcome = ablate(cfg, variants=["full", "concat_fusion", LATE_FUSION], seeds=[0, 1], resamples=1000)
+    outcome = ablate(cfg, variants=["full", "concat_fusion", LATE_FUSION], seeds=[0, 1], resamples=1000, in_process=True)
     report = json.loads((outcome.directory / "ablation.json").read_text())
     variants = ["full", "concat_fusion", LATE_FUSION, "text_only", "image_only"]
     assert [(r["variant"], r["seed"]) for r in report["rows"]] == [(v, s) for v in variants for s in (0, 1)]
