@@ -70,7 +70,7 @@ def one_policy(tmp: Path, policy: str, n: int, epochs: int, dry_run: bool, worke
 def run(quick: bool = False, dry_run: bool = False, policies: tuple[str, ...] = ("full", "last_k")) -> dict:
     if not dry_run and not torch.cuda.is_available():
         raise SystemExit("gpu_train needs a CUDA GPU (or --dry-run on a CPU); nothing measured")
-    n, epochs = (600, 3) if dry_run else ((3000, 4) if quick else (4000, 4))
+    n, epochs = (600, 3) if dry_run else ((2500, 4) if quick else (4000, 4))
     worker_cpus = 0.5 if dry_run else 2.0  # the rest of the node's CPUs preprocess
     result: dict = {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
                     "preset": "tiny" if dry_run else "ViT-B-16", "posts": n, "policies": {}}
@@ -103,7 +103,7 @@ def run(quick: bool = False, dry_run: bool = False, policies: tuple[str, ...] = 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="3,000 posts instead of 4,000")
+    parser.add_argument("--quick", action="store_true", help="2,500 posts instead of 4,000")
     parser.add_argument("--dry-run", action="store_true", help="tiny preset on the CPU: checks the script, measures nothing useful")
     parser.add_argument("--policies", nargs="+", default=["full", "last_k"], choices=["full", "last_k"],
                         help="backbone policies to measure, in order (a device session can take one at a time)")

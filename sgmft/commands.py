@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from sgmft.console import Console
 
 
-PIPELINE = ("train", "tune", "features", "ablate", "evaluate", "predict")
+PIPELINE = ("train", "pretrain", "tune", "features", "ablate", "evaluate", "predict")
 """The workflows (modules of ``sgmft``, each with its ``add_commands``) that ``ray job submit``
 can run too, in --help order: the one list that ``sgmft.cli`` and ``jobs``, the floor above
 the workflows, both read. Names rather than modules, so that this module imports none of them."""

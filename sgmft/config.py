@@ -238,6 +238,9 @@ class TrainConfig:
     """Testing hook: the rank-0 worker crashes once at this global step."""
     features_path: str | None = None
     """Train the head on cached backbone features (frozen backbone) instead of images."""
+    stall_timeout_s: float = 300.0
+    """A run that makes no progress (no step, no epoch line) for this long fails, naming what
+    Ray could not place, instead of waiting for ever (lost data on a full cluster, too few CPUs)."""
 
 
 @dataclass
@@ -310,12 +313,31 @@ class ServeConfig:
 
 
 @dataclass
+class PretrainConfig:
+    """Contrastive image-text pretraining of the backbone (``sgmft pretrain``): the backbone is
+    ``model.backbone``, the schedule ``train.*`` and the batch ``data.batch_size`` per worker."""
+
+    pairs_path: str = ""
+    """A pair dataset (a dataset directory whose rows need no label). Empty: synthetic
+    grounding pairs (:mod:`sgmft.data.pairs`) built once in the run directory."""
+    synth_n: int = 4000
+    synth_seed: int = 0
+    synth_image_size: int = 64
+    two_object_share: float = 0.7
+    """Share of synthetic pairs that show two objects side by side (the rest show one)."""
+    zero_shot_data: str | None = None
+    """A labeled dataset directory: each epoch also scores zero-shot labelling of its val split,
+    each label prompted as text ("我在{label}")."""
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
 
 def _type_name(tp: Any) -> str:
@@ -458,7 +480,10 @@ def validate(config: Config) -> None:
         (t.gpus_per_worker > 0 and (t.gpus_per_worker <= 1 or t.gpus_per_worker.is_integer()), "train.gpus_per_worker",
          f"{t.gpus_per_worker} must be in (0, 1] or a whole number of GPUs"),
         (t.epochs >= 1, "train.epochs", "must be >= 1"),
+        (config.pretrain.synth_n >= 10, "pretrain.synth_n", "must be >= 10 (a pair for every split)"),
+        (0.0 <= config.pretrain.two_object_share <= 1.0, "pretrain.two_object_share", "must be in [0, 1]"),
         (t.grad_accum_steps >= 1, "train.grad_accum_steps", "must be >= 1"),
+        (t.stall_timeout_s > 0, "train.stall_timeout_s", "must be > 0"),
         (0.0 <= t.warmup_ratio < 1.0, "train.warmup_ratio", "must be in [0, 1)"),
         (0.0 < t.layer_decay <= 1.0, "train.layer_decay", "must be in (0, 1]"),
         (0.0 <= t.label_smoothing < 1.0, "train.label_smoothing", "must be in [0, 1)"),

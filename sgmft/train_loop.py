@@ -31,8 +31,6 @@ from sgmft.models.outputs import BackboneOutput
 from sgmft.progress import Reporter
 
 FEATURE_COLUMNS = ("text_tokens", "text_mask", "image_tokens", "text_embeds", "image_embeds")
-HISTORY_KEYS = ("epoch", "train_loss", "val_accuracy", "val_macro_f1", "samples_per_s", "data_wait_share",
-                "grad_norm", "lr", "collapsed", "steady_samples_per_s", "first_step_s", "setup_s")
 DIVERGENCE_CHECK_EVERY = 16
 """Steps between host-side checks of the loss on a GPU (each check waits for the queue to drain);
 on a CPU every step is checked, as nothing runs ahead of the host there."""
@@ -435,18 +433,15 @@ def collapsed_to(matrix: Any, labels: list[str]) -> str | None:
     return labels[predicted[0]] if len(labels) > 1 and len(predicted) == 1 and matrix.sum() > 1 else None
 
 
-def epoch_metrics(run: WorkerRun, epoch: int, stats: EpochStats, matrix: torch.Tensor) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Metrics summed over every rank, and the validation report."""
-    matrix, totals = _all_reduce(matrix, stats.tensor(run.device))
-    report = classification_report(matrix.numpy(), run.labels)
+def training_metrics(run: WorkerRun, epoch: int, stats: EpochStats) -> dict[str, Any]:
+    """An epoch's training figures, summed over every rank."""
+    (totals,) = _all_reduce(stats.tensor(run.device))
     loss_sum, seen, wait_s, seconds, grad_sum, updates, first_step_s = totals.tolist()
     seconds, first_step_s = seconds / run.world, first_step_s / run.world  # per worker: they run side by side
     first_batch = run.cfg.data.batch_size * run.world
-    metrics = {
+    return {
         "epoch": epoch + 1,
         "train_loss": loss_sum / max(seen, 1),
-        "val_accuracy": report["accuracy"],
-        "val_macro_f1": report["macro_f1"],
         "samples_per_s": seen / seconds,
         "steady_samples_per_s": (seen - first_batch) / (seconds - first_step_s) if seen > first_batch else seen / seconds,
         "first_step_s": first_step_s,
@@ -454,41 +449,58 @@ def epoch_metrics(run: WorkerRun, epoch: int, stats: EpochStats, matrix: torch.T
         "data_wait_share": wait_s / max(seconds * run.world, 1e-9),
         "grad_norm": grad_sum / max(updates, 1),
         "lr": run.lr(),
-        "collapsed": collapsed_to(matrix.numpy(), run.labels),
         "global_step": run.global_step,
-        **{f"val_f1/{label}": v["f1"] for label, v in report["per_class"].items()},
     }
-    return metrics, report
+
+
+def classification_metrics(run: WorkerRun, epoch: int, val_shard) -> tuple[dict[str, Any], dict[str, Any]]:
+    """SG-MFT's validation: accuracy, macro-F1, per-class F1 and a one-class collapse, and the report."""
+    (matrix,) = _all_reduce(validation_matrix(run, val_shard, epoch))
+    report = classification_report(matrix.numpy(), run.labels)
+    metrics = {"val_accuracy": report["accuracy"], "val_macro_f1": report["macro_f1"],
+               "collapsed": collapsed_to(matrix.numpy(), run.labels),
+               **{f"val_f1/{label}": v["f1"] for label, v in report["per_class"].items()}}
+    return metrics, {"val_report": report}
 
 
 def epoch_line(metrics: dict[str, Any], epochs: int, eta_s: float) -> str:
-    """The console's line for an epoch, with a warning when the model predicts one class."""
-    line = (f"epoch {metrics['epoch']}/{epochs}  loss {metrics['train_loss']:.4f}  "
-            f"val acc {metrics['val_accuracy']:.3f}  macro-F1 {metrics['val_macro_f1']:.3f}  "
+    """The console's line for an epoch (its validation figures: those named ``val_*`` without a
+    ``/``), with a warning when the model predicts one class."""
+    shown = "  ".join(f"{key.removeprefix('val_').replace('_', ' ')} {value:.3f}" for key, value in metrics.items()
+                      if key.startswith("val_") and "/" not in key)
+    line = (f"epoch {metrics['epoch']}/{epochs}  loss {metrics['train_loss']:.4f}  val {shown}  "
             f"grad norm {metrics['grad_norm']:.3g}  lr {metrics['lr']:.2e}  "
             f"{metrics['samples_per_s']:.1f} samples/s  data wait {metrics['data_wait_share']:.0%}  ETA {eta_s:.0f}s")
-    if metrics["collapsed"] is not None:
+    if metrics.get("collapsed") is not None:
         line += f"\n  warning: every validation post was predicted as {metrics['collapsed']!r} (the model has collapsed to one class)"
     return line
 
 
-def report_epoch(run: WorkerRun, epoch: int, metrics: dict[str, Any], report: dict[str, Any], started: float) -> None:
-    """Rank 0 says the epoch line and reports a checkpoint; the others report metrics only."""
+def report_epoch(run: WorkerRun, epoch: int, metrics: dict[str, Any], extra: dict[str, Any], started: float) -> None:
+    """Rank 0 says the epoch line and reports a checkpoint (its metrics.json with ``extra``, such
+    as the validation report); the others report metrics only."""
     cfg = run.cfg
-    run.history.append({k: metrics[k] for k in HISTORY_KEYS})
+    run.history.append({k: v for k, v in metrics.items() if "/" not in k})
     if run.rank != 0:
         run.session.report(metrics, checkpoint=None)
         return
     elapsed = time.monotonic() - started
     run.say(epoch_line(metrics, cfg.train.epochs, elapsed / (epoch + 1 - run.start_epoch) * (cfg.train.epochs - epoch - 1)))
-    directory, ckpt = _save_checkpoint(run.model, cfg, run.labels, {**metrics, "val_report": report}, train_state(run, epoch))
+    directory, ckpt = _save_checkpoint(run.model, cfg, run.labels, {**metrics, **extra}, train_state(run, epoch))
     run.session.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch-{epoch + 1:04d}")
     shutil.rmtree(directory, ignore_errors=True)
 
 
-def run_worker(spec: WorkerSpec, session: RayTrainSession | None = None) -> None:
-    """What every Ray Train worker (or, with a :class:`sgmft.trials.TrialSession`, a Tune trial) runs."""
-    run = setup_worker(spec, session)
+Validation = Callable[[WorkerRun, int, Any], tuple[dict[str, Any], dict[str, Any]]]
+"""A task's validation of an epoch: (its ``val_*`` metrics, what else its checkpoint's metrics.json keeps)."""
+
+
+def run_worker(spec: WorkerSpec, session: RayTrainSession | None = None,
+               task: Callable[[WorkerSpec], tuple[torch.nn.Module, LossFn]] = sgmft_task,
+               validation: Validation = classification_metrics) -> None:
+    """What every Ray Train worker (or, with a :class:`sgmft.trials.TrialSession`, a Tune trial)
+    runs: SG-MFT by default, or another ``task`` with its ``validation`` (pretraining)."""
+    run = setup_worker(spec, session, task)
     train_shard, val_shard = run.session.dataset("train"), run.session.dataset("val")
     marker = Path(spec.run_dir) / ".fail_once_done"
     started = time.monotonic()
@@ -499,18 +511,21 @@ def run_worker(spec: WorkerSpec, session: RayTrainSession | None = None) -> None
             run.say(str(exc))
             run.session.stop_diverged(str(exc))
             return
-        metrics, report = epoch_metrics(run, epoch, stats, validation_matrix(run, val_shard, epoch))
-        report_epoch(run, epoch, metrics, report, started)
+        metrics = training_metrics(run, epoch, stats)
+        val_metrics, extra = validation(run, epoch, val_shard)
+        report_epoch(run, epoch, {**metrics, **val_metrics}, extra, started)
 
 
-def train_loop_per_worker(loop_config: dict[str, WorkerSpec]) -> None:
-    """Ray Train's entry point: ``train_loop_config`` carries the :class:`WorkerSpec` as ``spec``."""
-    run_worker(loop_config["spec"])
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Ray Train's entry point: ``train_loop_config`` carries the :class:`WorkerSpec` as ``spec``,
+    and for another task than SG-MFT its ``task`` and ``validation`` (see :func:`run_worker`)."""
+    run_worker(**loop_config)
 
 
-def build_trainer(spec: WorkerSpec, datasets: dict, cpus_per_worker: float | None = None, run_config=None):
-    """A TorchTrainer that runs :func:`run_worker` on ``spec``; Tune trials pass their own
-    run_config and CPU share."""
+def build_trainer(spec: WorkerSpec, datasets: dict, cpus_per_worker: float | None = None, run_config=None,
+                  **task: Any):
+    """A TorchTrainer that runs :func:`run_worker` on ``spec`` (and ``task``: its ``task`` and
+    ``validation``, for pretraining); Tune trials pass their own run_config and CPU share."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -527,7 +542,7 @@ def build_trainer(spec: WorkerSpec, datasets: dict, cpus_per_worker: float | Non
     spec = dataclasses.replace(spec, torch_threads=max(1, int(resources["CPU"])))
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"spec": spec},
+        train_loop_config={"spec": spec, **task},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),
         run_config=run_config,
         datasets=datasets,

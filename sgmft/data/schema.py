@@ -304,7 +304,7 @@ def validate_dataset(dataset_dir: str | Path) -> None:
                     raise DatasetError(f"duplicate post_id {post_id!r}: in {seen[post_id]} and {path}")
                 seen[post_id] = path
             counts = Counter(table.column("label").to_pylist())
-            if None in counts and split in LABELED_SPLITS:
+            if None in counts and split in LABELED_SPLITS and labels:  # no label list: a pair dataset
                 raise DatasetError(f"{path}: {counts[None]} row(s) of the {split!r} split have no label")
             unknown = sorted(k for k in counts if k is not None and k not in known)
             if unknown:

@@ -176,6 +176,16 @@ class CnClipBackbone(ClipBackbone):
         tokens = visual.ln_post(x)
         return tokens, tokens[:, 0, :] @ visual.proj
 
+    @property
+    def logit_scale(self) -> nn.Parameter:
+        """CLIP's learned log inverse temperature (contrastive pretraining trains it)."""
+        return self.clip.logit_scale
+
+    def save_released(self, path: Path) -> None:
+        """Write the weights as cn_clip's released ``.pt`` files hold them, so that
+        :meth:`load_released` (``model.backbone.checkpoint``) reads them back."""
+        torch.save({"state_dict": {f"module.{k}": v for k, v in self.clip.state_dict().items()}}, path)
+
     def _resnet_grid(self, x: torch.Tensor) -> torch.Tensor:
         v = self.clip.visual
         for conv, bn in ((v.conv1, v.bn1), (v.conv2, v.bn2), (v.conv3, v.bn3)):
@@ -278,6 +288,15 @@ class HFChineseClipBackbone(ClipBackbone):
             (re.compile(r"hf\.vision_model\.(?:embeddings|pre_layrnorm)"), "vision"),
             (re.compile(r"hf\.text_model\.embeddings\."), "text"),
         )
+
+    @property
+    def logit_scale(self) -> nn.Parameter:
+        """CLIP's learned log inverse temperature (contrastive pretraining trains it)."""
+        return self.hf.logit_scale
+
+    def save_released(self, path: Path) -> None:
+        """Write the model as a Hugging Face directory, which ``model.backbone.checkpoint`` names."""
+        self.hf.save_pretrained(str(path))
 
     def encode_text(self, input_ids, mask):
         hidden = self.hf.text_model(
