@@ -119,7 +119,7 @@ def _machine(result: dict) -> str:
 def row(path: Path) -> dict[str, Any]:
     """One result file's line: what, the figure, the machine, the commit and whether code changed since."""
     result = json.loads(path.read_text())
-    commit = (result.get("machine") or {}).get("commit") or _git("log", "-1", "--format=%h", "--", str(path.relative_to(REPO)))
+    commit = (result.get("machine") or {}).get("commit") or _git("log", "-1", "--format=%h", "--", str(path))
     base = commit.removesuffix("-dirty") if commit else ""  # -dirty: measured with uncommitted changes to that code
     since = int(_git("rev-list", "--count", f"{base}..HEAD", "--", *_code_paths(path.stem)) or 0) if base else 0
     date = (result.get("machine") or {}).get("date") or _git("log", "-1", "--format=%ad", "--date=short", "--", str(path))
@@ -138,11 +138,10 @@ def table(results: Path = RESULTS) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write(text: str) -> None:
+def write(text: str, results: Path = RESULTS, readme: Path = REPO / "README.md") -> None:
     """SUMMARY.md, and the README's table between its two markers."""
-    (RESULTS / "SUMMARY.md").write_text("# Benchmark results\n\nWritten by `python -m benchmarks.report --write` from "
+    (results / "SUMMARY.md").write_text("# Benchmark results\n\nWritten by `python -m benchmarks.report --write` from "
                                         "`benchmarks/results/*.json`; each row names its own machine and commit.\n\n" + text)
-    readme = REPO / "README.md"
     body = readme.read_text()
     pattern = re.compile(re.escape(README_BEGIN) + r".*?" + re.escape(README_END), re.S)
     if not pattern.search(body):
