@@ -308,3 +308,17 @@ def test_unlabeled_prediction_set(manifest_dir, tmp_path):
     rows = {r["post_id"]: r for r in pq.read_table(split_files(tmp_path / "ds", "test")).to_pylist()}
     assert rows["nolabel"]["label"] is None
     validate_dataset(tmp_path / "ds")
+
+
+def test_a_pair_manifest_builds_a_pair_dataset_split_at_random(manifest_dir, tmp_path):
+    """Pairs for sgmft pretrain: no label needed in any split, any label given dropped, bad
+    images still quarantined with their reasons, and read = kept + quarantined."""
+    report = build_dataset(manifest_dir / "manifest.jsonl", tmp_path / "pairs", pairs=True)
+    assert report["labels"] == [] and report["pairs"] is True
+    assert "label_missing" not in report["quarantine_reasons"] and "label_unknown" not in report["quarantine_reasons"]
+    assert report["quarantine_reasons"]["image_truncated"] == 1
+    assert report["read"] == report["kept"] + report["quarantined"]
+    rows = _rows_of(tmp_path / "pairs")
+    assert {r["post_id"] for r in rows} >= {"nolabel", "zoo"} and all(r["label"] is None for r in rows)
+    assert all(report["splits"][s] > 0 for s in ("train", "val", "test"))
+    validate_dataset(tmp_path / "pairs")

@@ -219,11 +219,12 @@ def read_weibo(paths: Sequence[str | Path], image_root: str | Path, labels_by_id
 class _Checker:
     """Decides, row by row, between kept and quarantined; remembers why."""
 
-    def __init__(self, labels: Sequence[str] | None, unlabeled: bool, max_image_pixels: int):
+    def __init__(self, labels: Sequence[str] | None, unlabeled: bool, max_image_pixels: int, pairs: bool = False):
         from sgmft.data.preprocess import PreprocessSpec
 
         self.known = set(labels) if labels is not None else None
         self.unlabeled = unlabeled
+        self.pairs = pairs
         self.spec = PreprocessSpec(image_size=_CHECK_IMAGE_SIZE, max_image_pixels=max_image_pixels)
         self.kept: list[dict[str, Any]] = []
         self.sources: dict[str, str] = {}
@@ -235,7 +236,8 @@ class _Checker:
         problem, data = (post.problem, None) if post.problem else self._check(post)
         if problem is None:
             self.sources[post.post_id] = post.source
-            self.kept.append({"post_id": post.post_id, "text": post.text, "image": data, "label": post.label,
+            self.kept.append({"post_id": post.post_id, "text": post.text, "image": data,
+                              "label": None if self.pairs else post.label,
                               "split": post.split, "meta_source": post.source, "meta_image": post.image, **post.meta})
         else:
             self.quarantine.append({"source": post.source, "post_id": post.post_id,
@@ -253,9 +255,11 @@ class _Checker:
             return ("image_missing", "the post names no image"), None
         if post.split is not None and post.split not in schema.SPLITS:
             return ("split_invalid", f"split {post.split!r} is not one of {list(schema.SPLITS)}"), None
-        if post.label is None and not (self.unlabeled and post.split in (None, "test")):
+        if self.pairs:
+            pass  # an image-text pair needs no label, in any split
+        elif post.label is None and not (self.unlabeled and post.split in (None, "test")):
             return ("label_missing", "no label" + (" (train/val rows need one)" if self.unlabeled else "")), None
-        if post.label is not None and self.known is not None and post.label not in self.known:
+        elif post.label is not None and self.known is not None and post.label not in self.known:
             return ("label_unknown", f"label {post.label!r} is not in the label set"), None
         try:
             data = post.image_path.read_bytes()
@@ -308,6 +312,7 @@ def build_dataset(
     rows_per_shard: int = schema.DEFAULT_ROWS_PER_SHARD,
     max_image_pixels: int = 40_000_000,
     unlabeled: bool = False,
+    pairs: bool = False,
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Build a dataset directory from ``source``; return (and save) the build report.
@@ -318,11 +323,13 @@ def build_dataset(
     is one or more dump files, ``image_root`` the image folder and ``label_source`` the
     post id -> label mapping. ``labels`` fixes the label order; by default the sorted
     labels found. ``unlabeled`` builds a prediction set: rows need no label and go to test.
+    ``pairs`` builds a pair dataset for ``sgmft pretrain``: rows need no label (any given is
+    dropped, the label list is empty) and unsplit rows are split at random like labeled ones.
     """
     labels = _checked_arguments(kind, labels, val_frac, test_frac)
     sources = [source] if isinstance(source, (str, Path)) else list(source)
     ignored: Counter = Counter()
-    checker = _Checker(labels, unlabeled, max_image_pixels)
+    checker = _Checker(labels, unlabeled, max_image_pixels, pairs)
     for post in _read_posts(kind, sources, image_root, label_source, unlabeled, ignored):
         checker.add(post)
     kept, quarantine = checker.kept, checker.quarantine
@@ -330,16 +337,16 @@ def build_dataset(
         raise RuntimeError(f"build bookkeeping is off: read {checker.read} != kept {len(kept)} + quarantined {len(quarantine)}")
 
     out = schema.prepare_output_dir(out_dir, overwrite)
-    if labels is None:
+    if labels is None or pairs:
         labels = sorted({row["label"] for row in kept if row["label"] is not None})
-    _assign_splits(kept, val_frac, test_frac, seed)
+    _assign_splits(kept, val_frac, test_frac, seed, pairs)
     _write(out, kept, quarantine, labels, rows_per_shard, unlabeled)
     report = {
         "kind": kind,
         "sources": [str(s) for s in sources],
         "image_root": None if image_root is None else str(image_root),
         "label_source": None if label_source is None else str(label_source),
-        "seed": seed, "val_frac": val_frac, "test_frac": test_frac, "unlabeled": unlabeled,
+        "seed": seed, "val_frac": val_frac, "test_frac": test_frac, "unlabeled": unlabeled, "pairs": pairs,
         "labels": labels,
         **_tallies(checker, ignored),
     }
@@ -378,9 +385,9 @@ def _read_posts(kind: str, sources: list[str | Path], image_root: str | Path | N
     return read_weibo(sources, image_root, load_label_source(label_source) if label_source else {})
 
 
-def _assign_splits(kept: list[dict[str, Any]], val_frac: float, test_frac: float, seed: int) -> None:
-    """Stratified splits for labeled rows the source left unsplit; unlabeled rows go to test."""
-    unsplit = [i for i, row in enumerate(kept) if row["split"] is None and row["label"] is not None]
+def _assign_splits(kept: list[dict[str, Any]], val_frac: float, test_frac: float, seed: int, pairs: bool = False) -> None:
+    """Stratified splits for labeled rows (and pairs) the source left unsplit; unlabeled rows go to test."""
+    unsplit = [i for i, row in enumerate(kept) if row["split"] is None and (pairs or row["label"] is not None)]
     for i, split in zip(unsplit, schema.stratified_split([kept[i]["label"] for i in unsplit], val_frac, test_frac, seed)):
         kept[i]["split"] = split
     for row in kept:

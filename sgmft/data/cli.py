@@ -39,7 +39,8 @@ def _build(args: argparse.Namespace) -> None:
     report = build_dataset(source, args.out, kind, image_root=args.images, label_source=args.label_source,
                            labels=_labels_arg(args.labels), seed=args.seed, val_frac=args.val_frac,
                            test_frac=args.test_frac, rows_per_shard=args.rows_per_shard,
-                           max_image_pixels=args.max_image_pixels, unlabeled=args.unlabeled, overwrite=args.overwrite)
+                           max_image_pixels=args.max_image_pixels, unlabeled=args.unlabeled, pairs=args.pairs,
+                           overwrite=args.overwrite)
     print(_summary(report, args.out))
     if report["ignored_fields"]:
         print("ignored manifest fields (not text/image/label/post_id/split/meta_*): "
@@ -112,6 +113,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     build.add_argument("--rows-per-shard", type=int, default=256)
     build.add_argument("--max-image-pixels", type=int, default=40_000_000)
     build.add_argument("--unlabeled", action="store_true", help="a prediction set: labels optional, rows go to test")
+    build.add_argument("--pairs", action="store_true", help="image-text pairs for sgmft pretrain: no labels, split at random")
     build.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
     build.set_defaults(func=_build)
 
