@@ -99,6 +99,19 @@ def test_the_report_has_rows_per_case_late_fusion_and_intervals():
     assert "two_objects_by_colour (40)" in markdown and "paired bootstrap" in markdown
 
 
+def test_a_post_that_failed_to_decode_is_counted_as_failed_not_as_wrong():
+    """The same rule as evaluate's report: accuracy, overall and per case, is over the posts that decoded."""
+    from sgmft.ablate import trial_row
+
+    correct = np.array([True, True, False, True])
+    preds = predictions(correct)
+    preds.ok = np.array([True, True, True, False])  # the fourth post's image did not decode
+    preds.cases = np.array(["both_cues", "both_cues", "no_cue", "no_cue"], dtype=object)
+    row = trial_row("full", 0, preds, num_labels=3)
+    assert row["test_accuracy"] == pytest.approx(2 / 3) and (row["test_posts"], row["failed_posts"]) == (3, 1)
+    assert row["per_case"] == {"both_cues": {"accuracy": 1.0, "n": 2}, "no_cue": {"accuracy": 0.0, "n": 1}}
+
+
 def test_late_fusion_trains_its_two_parts_and_unknown_variants_are_refused():
     assert trained_variants(["full", LATE_FUSION]) == ["full", "text_only", "image_only"]
     assert trained_variants(["text_only", LATE_FUSION]) == ["text_only", "image_only"]
