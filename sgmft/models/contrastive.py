@@ -58,6 +58,29 @@ class ContrastiveCLIP(nn.Module):
         return F.normalize(self.backbone(None, pixel_values).image_embeds.float(), dim=-1)
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather whose backward sends each rank's rows their gradient from every rank's loss
+    (an all-reduce, then this rank's slice: gloo has no reduce-scatter). Public collectives
+    only; ``torch.distributed.nn``'s own is deprecated in favour of a private module."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        ctx.rank, ctx.rows = dist.get_rank(), x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+
+
 def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Every rank's rows in rank order, with gradients flowing back to each rank's own rows,
     and this rank's offset: the negatives of the global batch. Unchanged without DDP."""
@@ -65,16 +88,15 @@ def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x, 0
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(x), dim=0), dist.get_rank() * x.shape[0]
+    return _GatherWithGrad.apply(x), dist.get_rank() * x.shape[0]
 
 
-def contrastive_loss(out: ContrastiveOutput) -> torch.Tensor:
+def contrastive_loss(out: ContrastiveOutput, gather: bool = True) -> torch.Tensor:
     """Symmetric InfoNCE: each of this rank's texts against every image of the global batch and
-    each image against every text, the matching pair the target (equal batches per rank)."""
-    texts, offset = gather_with_grad(out.text)
-    images, _ = gather_with_grad(out.image)
+    each image against every text, the matching pair the target (equal batches per rank).
+    ``gather=False`` keeps to this rank's batch (what the benchmark compares against)."""
+    texts, offset = gather_with_grad(out.text) if gather else (out.text, 0)
+    images = gather_with_grad(out.image)[0] if gather else out.image
     targets = torch.arange(out.text.shape[0], device=out.text.device) + offset
     text_to_image = out.logit_scale * out.text @ images.T
     image_to_text = out.logit_scale * out.image @ texts.T
