@@ -31,7 +31,7 @@ def _columns(rows: list[dict]) -> dict[str, np.ndarray]:
     return {name: np.array([r[name] for r in rows], dtype=object) for name in ("label", "predicted_label", "error", "case")}
 
 
-def evaluate_local(model_dir, dataset, split, tmp_path):
+def evaluate_in_process(model_dir, dataset, split, tmp_path):
     return evaluate(model_dir, dataset, split, out_dir=tmp_path / f"eval-{dataset.name}", in_process=True)
 
 
@@ -96,7 +96,7 @@ def _expected_per_case(model_dir: Path, dataset: Path, split: str) -> dict:
 
 def test_evaluate_in_process_reports_accuracy_per_case(model_and_data, tmp_path):
     model_dir, dataset = model_and_data
-    report = evaluate_local(model_dir, dataset, "test", tmp_path)
+    report = evaluate_in_process(model_dir, dataset, "test", tmp_path)
     assert REPORT_KEYS <= set(report)
     expected = _expected_per_case(model_dir, dataset, "test")
     assert report["per_case"] == {case: expected[case] for case in CASES if case in expected}
@@ -117,7 +117,7 @@ def test_a_dataset_without_meta_case_has_no_per_case(model_and_data, tmp_path):
         else:
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(path.read_bytes())
-    with_cases, without = evaluate_local(model_dir, dataset, "test", tmp_path), evaluate_local(model_dir, plain, "test", tmp_path)
+    with_cases, without = evaluate_in_process(model_dir, dataset, "test", tmp_path), evaluate_in_process(model_dir, plain, "test", tmp_path)
     assert "per_case" not in without
     assert {k: v for k, v in with_cases.items() if k != "per_case"} == without
 
@@ -131,7 +131,7 @@ def test_evaluate_on_ray_data_reports_the_same_per_case(ray_cluster, model_and_d
 
     model_dir, dataset = model_and_data
     report = evaluate(model_dir, dataset, "test", out_dir=tmp_path / "eval", batch_size=16)
-    local = evaluate_local(model_dir, dataset, "test", tmp_path)
+    local = evaluate_in_process(model_dir, dataset, "test", tmp_path)
     assert report["per_case"] == local["per_case"]
     assert report["accuracy"] == pytest.approx(local["accuracy"])
     assert json.loads((tmp_path / "eval" / "eval-test.json").read_text())["per_case"] == local["per_case"]
@@ -148,4 +148,4 @@ def test_a_dataset_with_another_label_order_is_refused(model_and_data, tmp_path)
     labels = json.loads((reordered / "labels.json").read_text())
     (reordered / "labels.json").write_text(json.dumps(labels[::-1]))
     with pytest.raises(ValueError, match="different label set from the model"):
-        evaluate_local(model_dir, reordered, "test", tmp_path)
+        evaluate_in_process(model_dir, reordered, "test", tmp_path)
