@@ -338,7 +338,9 @@ def build_app(cfg: Config, replica_env: dict[str, str] | None = None) -> serve.A
         queued_batches = max(2, batches_per_replica(s)) * ingress_max_replicas(s)  # every ingress's, all merged
         model = ModelDeployment.options(
             max_ongoing_requests=queued_batches,
-            max_queued_requests=queued_batches,
+            # A backstop: every ingress keeps at most batches_in_flight batches at the model, so
+            # this queue fills only if that bound breaks; a full one answers 503, never waits.
+            max_queued_requests=2 * batches_in_flight(s) * ingress_max_replicas(s),
             autoscaling_config=autoscaling_config(s.min_replicas, s.max_replicas, s.target_ongoing_requests / s.max_batch_size,
                                                   s.upscale_delay_s, s.downscale_delay_s, s.initial_replicas),
             ray_actor_options={"num_cpus": s.num_cpus_per_replica, "num_gpus": s.num_gpus_per_replica, **env},
