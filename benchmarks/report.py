@@ -66,9 +66,35 @@ def _gpu_check(r: dict) -> str:
 
 
 def _gpu_train(r: dict) -> str:
-    return "; ".join(f"{policy}: epochs at " + " / ".join(f"{x:.2f}" for x in v.get("ratio_to_bare_step", []))
-                     + f"x the bare step, data wait <= {_pct(v['max_data_wait_share'])}, resumed after a crash: "
-                     f"{v['resumed_after_crash']}" for policy, v in r["policies"].items())
+    def policy(name: str, v: dict) -> str:
+        ratios = v.get("steady_ratio_to_bare_step") or v.get("ratio_to_bare_step", [])
+        accuracy = " / ".join(f"{e['val_accuracy']:.2f}" for e in v["epochs"])
+        learned = v.get("learned", v["epochs"][-1]["val_accuracy"] >= 0.3)
+        return (f"{name}: val accuracy {accuracy} ({'learned' if learned else '**did not learn**'}), epochs at "
+                + " / ".join(f"{x:.2f}" for x in ratios) + f"x the bare step, data wait <= {_pct(v['max_data_wait_share'])}, "
+                f"resumed after a crash: {v['resumed_after_crash']}")
+    return "; ".join(policy(name, v) for name, v in r["policies"].items())
+
+
+def _learning(r: dict) -> str:
+    last = r["epochs"][-1]
+    if "top1_matches" in r:  # contrastive pretraining
+        m = r["top1_matches"]
+        return (f"{r['preset']} pretraining: recall@1 {last['val_t2i_r@1']:.3f} text->image, {last['val_i2t_r@1']:.3f} "
+                f"image->text over {r['held_out']} held-out pairs (chance {r['chance_recall@1']:.4f}, goal 0.5); top-1 "
+                f"has the text's colours {_pct(m['colours'])}, shapes {_pct(m['shapes'])}")
+    return (f"{r['preset']} ({r['policy']} backbone, lr {r['lr']:g}): val accuracy "
+            + " / ".join(f"{e['val_accuracy']:.2f}" for e in r["epochs"])
+            + f", test {r['test_accuracy']:.3f} (chance {r['chance']:.3f}): {'learned' if r['learned'] else '**did not learn**'}")
+
+
+def _pretrain_throughput(r: dict) -> str:
+    g = r["gather"]
+    figure = (f"{g['preset']} step {g['samples_per_s_gathered']:.0f} samples/s on 2 ranks ({g.get('backend', 'gloo')}); "
+              f"the all-gather {_pct(g['all_gather_share'])} of a step")
+    if "ray" in r:
+        figure += f"; `sgmft pretrain` {r['ray']['epochs'][-1]['steady_samples_per_s']:.0f} samples/s"
+    return figure
 
 
 def _ablation(r: dict) -> str:
@@ -81,6 +107,7 @@ def _ablation(r: dict) -> str:
 HEADLINES: dict[str, Callable[[dict], str]] = {
     "head_cost": _head_cost, "ingest": _ingest, "train_throughput": _train_throughput, "tune_cache": _tune_cache,
     "serve_load": _serve_load, "gpu_check": _gpu_check, "gpu_train": _gpu_train, "ablation": _ablation,
+    "learning": _learning, "pretrain_throughput": _pretrain_throughput, "gpu_pretrain_throughput": _pretrain_throughput,
 }
 
 
