@@ -26,7 +26,8 @@ from sgmft.commands import add_config_args, add_verbose_arg, config_from_args, p
 from sgmft.config import Config
 from sgmft.model_dir import METRICS, TRAIN_STATE, WEIGHTS, staged_model_dir
 from sgmft.runs import best_checkpoint, maybe_materialize, preprocess_concurrency, run_dir
-from sgmft.train_loop import WorkerRun, WorkerSpec, _all_reduce, _autocast, _batches, build_trainer, raise_if_diverged
+from sgmft.train_loop import WorkerRun, _all_reduce, _autocast, _batches, build_trainer, raise_if_diverged
+from sgmft.worker_spec import WorkerSpec
 
 PROMPT = "我在{label}"
 """How a location label is put as text for zero-shot labelling."""

@@ -23,7 +23,7 @@ from sgmft.model_dir import CONFIG, METRICS, TRAIN_FILES, TRAIN_STATE, WEIGHTS, 
 from sgmft.config import Config, config_from_dict
 from sgmft.data.schema import label_counts, load_labels, shard_files, split_rows
 from sgmft.feature_cache import FeatureCacheError, check_cache, feature_widths
-from sgmft.train_loop import WorkerSpec
+from sgmft.worker_spec import WorkerSpec
 
 TRIALS = "trials"
 """The folder of a search's run directory that holds one run directory per trial."""

@@ -29,6 +29,7 @@ from sgmft.config import Config
 from sgmft.classification import classification_report
 from sgmft.models.outputs import BackboneOutput
 from sgmft.progress import Reporter
+from sgmft.worker_spec import WorkerSpec
 
 FEATURE_COLUMNS = ("text_tokens", "text_mask", "image_tokens", "text_embeds", "image_embeds")
 DIVERGENCE_CHECK_EVERY = 16
@@ -38,24 +39,6 @@ on a CPU every step is checked, as nothing runs ahead of the host there."""
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite: the run stops instead of training on garbage."""
-
-
-@dataclass
-class WorkerSpec:
-    """What the driver hands every training worker (:func:`sgmft.runs.worker_spec` builds it)."""
-
-    config: Config
-    labels: list[str]
-    train_rows: int
-    """Rows of the train split; every worker runs ``train_rows // world // batch_size`` steps an epoch."""
-    run_dir: str
-    dataset_dir: str
-    class_weights: list[float] | None = None
-    """Per-label loss weights (``train.class_weights: balanced``), in label order."""
-    head_widths: dict[str, int] | None = None
-    """Cached features: the backbone's widths, so the worker builds the head alone."""
-    torch_threads: int = 1
-    """Intra-op threads: as many as the CPUs the worker reserved."""
 
 
 def _model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:

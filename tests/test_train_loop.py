@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from sgmft.model_dir import TRAIN_STATE, write_model_files
 from sgmft.config import Config
-from sgmft.train_loop import (LossWatch, RayTrainSession, TrainingDiverged, WorkerSpec, _autocast, collapsed_to,
-                              epoch_line, setup_worker, train_state, train_step)
+from sgmft.model_dir import TRAIN_STATE, write_model_files
+from sgmft.train_loop import (LossWatch, RayTrainSession, TrainingDiverged, _autocast, collapsed_to, epoch_line,
+                              setup_worker, train_state, train_step)
+from sgmft.worker_spec import WorkerSpec
 
 LABELS = [f"place{i}" for i in range(4)]
 
