@@ -116,18 +116,17 @@ def test_negatives_are_the_global_batch_and_gradients_reach_each_ranks_own_rows(
 
 
 def test_pretraining_on_ray_exports_a_backbone_that_sgmft_loads(ray_cluster, tmp_path):
-    from safetensors.torch import load_file
-
     from sgmft.config import load_config
     from sgmft.models.model import build_model
     from sgmft.pretrain import pretrain
-    from sgmft.train import train
 
+    # 320 training pairs / 2 workers / 16 = 10 steps an epoch: a worker dies in the middle of epoch 2
     cfg = load_config("jobs/configs/pretrain.yaml", [
         f"train.storage_path={tmp_path}", "pretrain.synth_n=400", "pretrain.synth_image_size=32", "train.epochs=2",
-        "data.batch_size=16"])
+        "data.batch_size=16", "train.fail_once_at_step=15", "train.max_failures=1"])
     outcome = pretrain(cfg)
-    assert [h["epoch"] for h in outcome.history] == [1, 2]
+    assert (tmp_path / "pretrain-tiny" / ".fail_once_done").is_file()
+    assert [h["epoch"] for h in outcome.history] == [1, 2]  # resumed from epoch 1's checkpoint, no epoch lost
     for h in outcome.history:
         assert 0.0 <= h["val_t2i_r@1"] <= 1.0 and h["val_recall@1"] == pytest.approx((h["val_t2i_r@1"] + h["val_i2t_r@1"]) / 2)
         assert h["grad_norm"] > 0
@@ -135,14 +134,9 @@ def test_pretraining_on_ray_exports_a_backbone_that_sgmft_loads(ray_cluster, tmp
     assert split_rows(tmp_path / "pretrain-tiny" / "pairs-n400-seed0-px32-two0.7", "val") == 40
 
     # the exported weights are what SG-MFT's backbone loads, through the released-weights path
+    # (build_model is how train, tune, features cache and ablate build their models)
     cfg.model.backbone.checkpoint = str(outcome.backbone)
     model = build_model(cfg.model, load_pretrained=True)
     exported = torch.load(outcome.backbone, weights_only=True)["state_dict"]
     for name, value in model.backbone.clip.state_dict().items():
         assert torch.equal(value, exported[f"module.{name}"]), name
-    # and sgmft train runs on it
-    trained = train(load_config("jobs/configs/demo.yaml", [
-        f"train.storage_path={tmp_path}", "train.run_name=on-pretrained", "data.synth.n=160", "data.batch_size=16",
-        "train.epochs=1", f"model.backbone.checkpoint={outcome.backbone}"]), evaluate_test=False)
-    weights = load_file(str(trained.model_dir / "model.safetensors"))
-    assert any(k.startswith("backbone.") for k in weights)
