@@ -1,11 +1,13 @@
-"""The Ray Train worker loop of SG-MFT: what every training worker runs, and the
-``TorchTrainer`` that runs it (:func:`build_trainer`, on the driver).
+"""The Ray Train worker loop: what every training worker runs, and the ``TorchTrainer`` that
+runs it (:func:`build_trainer`, on the driver).
 
 Every epoch each worker trains the same number of steps (equal shards, whole batches
-only, so DDP never waits on a rank that ran out of data), validation counts are summed
-across ranks, and rank 0 reports a checkpoint that is also a model directory plus
-``train_state.pt`` (optimizer, scheduler, epoch, RNG, history). A restarted worker group,
-or a re-run with the same run name, resumes from the latest checkpoint.
+only, so DDP never waits on a rank that ran out of data) with :func:`train_step`, watched for
+a loss that stops being finite; validation is summed across ranks, and rank 0 reports a
+checkpoint that is also a model directory plus ``train_state.pt`` (optimizer, scheduler,
+epoch, RNG, history). A restarted worker group, or a re-run with the same run name, resumes
+from the latest checkpoint. The task is SG-MFT's classification by default; contrastive
+pretraining (:mod:`sgmft.pretrain`) passes its own model, loss and validation.
 """
 
 from __future__ import annotations
@@ -33,8 +35,8 @@ from sgmft.worker_spec import WorkerSpec
 
 FEATURE_COLUMNS = ("text_tokens", "text_mask", "image_tokens", "text_embeds", "image_embeds")
 DIVERGENCE_CHECK_EVERY = 16
-"""Steps between host-side checks of the loss on a GPU (each check waits for the queue to drain);
-on a CPU every step is checked, as nothing runs ahead of the host there."""
+"""Steps between the ranks' checks of the loss (each waits for a GPU's queue to drain and is a
+collective); the step that went bad is recorded on the device, so it is named all the same."""
 
 
 class TrainingDiverged(RuntimeError):
