@@ -27,9 +27,13 @@ from PIL import Image, ImageDraw
 from sgmft.data import schema
 from sgmft.data.synth import SHAPES, _draw_shape, _rgb, encode_image
 
-COLOURS: dict[str, float] = {"红色": 0.0, "橙色": 0.08, "黄色": 0.16, "绿色": 0.33, "青色": 0.5, "蓝色": 0.62,
-                             "紫色": 0.76, "粉色": 0.9}
-"""Colour names and their hues."""
+COLOURS: dict[str, tuple[float, float, float]] = {
+    "红色": (0.0, 0.9, 0.9), "橙色": (0.08, 0.9, 0.95), "黄色": (0.16, 0.9, 0.95), "绿色": (0.33, 0.85, 0.8),
+    "青色": (0.5, 0.85, 0.85), "蓝色": (0.62, 0.85, 0.9), "紫色": (0.76, 0.75, 0.85), "粉色": (0.9, 0.5, 0.98),
+    "白色": (0.0, 0.0, 0.98), "黑色": (0.0, 0.0, 0.05),
+}
+"""Colour names and their hue, saturation and value. White and black are there because the
+location task's two-object posts name a picture by its shape's colour, white or black."""
 SHAPE_NAMES: dict[str, str] = {"disc": "圆形", "square": "正方形", "triangle": "三角形", "cross": "十字", "ring": "圆环",
                                "bars": "竖条", "diamond": "菱形", "house": "五边形", "dumbbell": "工字形", "frame": "方框"}
 """The shapes of :data:`sgmft.data.synth.SHAPES`, named by their geometry alone."""
@@ -50,14 +54,16 @@ def _describe(colour: str, shape: str) -> str:
     return f"{colour}的{SHAPE_NAMES[shape]}"
 
 
-def _panel(rng: np.random.Generator, width: int, height: int, hue: float, shape: str) -> Image.Image:
-    """One object on a pale grey, noisy background, jittered in size and place."""
-    grey = float(rng.uniform(0.75, 0.92))
+def _panel(rng: np.random.Generator, width: int, height: int, colour: tuple[float, float, float], shape: str) -> Image.Image:
+    """One object on a mid-grey, noisy background (apart from white and black alike), jittered
+    in size, place and shade."""
+    grey = float(rng.uniform(0.4, 0.6))
     pixels = np.full((height, width, 3), 255 * grey, np.float32) + rng.normal(0, 8, size=(height, width, 3))
     image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
     scale = rng.uniform(0.5, 0.8) * min(width, height)
     cx, cy = rng.uniform(scale / 2, width - scale / 2), rng.uniform(scale / 2, height - scale / 2)
-    fill = _rgb(hue + rng.normal(0, 0.01), rng.uniform(0.75, 1.0), rng.uniform(0.7, 0.95))
+    hue, saturation, value = colour
+    fill = _rgb(hue + rng.normal(0, 0.01), saturation * rng.uniform(0.9, 1.0), value + rng.uniform(-0.04, 0.02))
     _draw_shape(ImageDraw.Draw(image), shape, (cx - scale / 2, cy - scale / 2, cx + scale / 2, cy + scale / 2), fill)
     return image
 
