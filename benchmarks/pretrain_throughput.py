@@ -8,8 +8,8 @@
    the all-gather's cost (forward and backward), given as its share of the step.
 
     python -m benchmarks.pretrain_throughput [--quick]   # CPU: tiny preset, gloo
-    python -m benchmarks.pretrain_throughput --gpu       # GPU: ViT-B-16 in bf16 (nccl on 2 GPUs;
-                                                         # on one, both ranks share it over gloo)
+    python -m benchmarks.pretrain_throughput --gpu       # GPU: ViT-B-16 in bf16, nccl, a rank a GPU
+                                                         # (on one GPU: its step alone, no gather)
 
 Writes ``results/pretrain_throughput.json`` (``gpu_pretrain_throughput.json`` with --gpu).
 """
@@ -33,7 +33,7 @@ from sgmft.config import BackboneConfig, TrainConfig, load_config
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _step_seconds(rank: int, port: int, preset: str, batch: int, steps: int, gpu: bool, out: dict) -> None:
+def _step_seconds(rank: int, world: int, port: int, preset: str, batch: int, steps: int, gpu: bool, out: dict) -> None:
     """Seconds a step takes on this rank, with the gather and without, alternating rounds."""
     import torch.distributed as dist
 
@@ -42,9 +42,9 @@ def _step_seconds(rank: int, port: int, preset: str, batch: int, steps: int, gpu
     from sgmft.train_loop import train_step
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group(_backend(gpu), rank=rank, world_size=2)
+    dist.init_process_group("nccl" if gpu else "gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
-    device = torch.device(f"cuda:{rank % torch.cuda.device_count()}" if gpu else "cpu")
+    device = torch.device(f"cuda:{rank}" if gpu else "cpu")
     try:
         torch.manual_seed(0)
         model = torch.nn.parallel.DistributedDataParallel(ContrastiveCLIP(BackboneConfig(preset=preset), load_pretrained=False).to(device))
@@ -77,23 +77,21 @@ def _step_seconds(rank: int, port: int, preset: str, batch: int, steps: int, gpu
         dist.destroy_process_group()
 
 
-def _backend(gpu: bool) -> str:
-    """nccl with a GPU a rank; gloo on CPUs, or when two ranks share one GPU (nccl refuses that:
-    the gather then goes through the host, an upper bound on what NVLink costs)."""
-    return "nccl" if gpu and torch.cuda.device_count() >= 2 else "gloo"
-
-
 def gather_share(preset: str, batch: int, steps: int, gpu: bool) -> dict:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    # a rank a GPU (nccl will not put two on one); two CPU ranks over gloo
+    world = min(2, torch.cuda.device_count()) if gpu else 2
     out = mp.Manager().dict()
-    mp.spawn(_step_seconds, args=(port, preset, batch, steps, gpu, out), nprocs=2, join=True)
-    gathered = max(out[r]["gathered"] for r in (0, 1))
-    local = max(out[r]["local"] for r in (0, 1))
-    return {"preset": preset, "batch_per_rank": batch, "backend": _backend(gpu),
+    mp.spawn(_step_seconds, args=(world, port, preset, batch, steps, gpu, out), nprocs=world, join=True)
+    gathered = max(out[r]["gathered"] for r in range(world))
+    local = max(out[r]["local"] for r in range(world))
+    return {"preset": preset, "batch_per_rank": batch, "ranks": world, "backend": "nccl" if gpu else "gloo",
             "median_step_s_gathered": gathered, "median_step_s_local": local,
-            "all_gather_share": max(0.0, gathered - local) / gathered, "samples_per_s_gathered": 2 * batch / gathered}
+            # one rank has nothing to gather: its share is not measured
+            "all_gather_share": max(0.0, gathered - local) / gathered if world > 1 else None,
+            "samples_per_s_gathered": world * batch / gathered}
 
 
 def ray_run(quick: bool) -> dict:
@@ -116,9 +114,10 @@ def run(quick: bool = False, gpu: bool = False) -> dict:
     if not gpu:
         result["ray"] = ray_run(quick)
     g = result["gather"]
-    print(f"pretraining step ({preset}, {batch} pairs a rank, 2 ranks): {g['samples_per_s_gathered']:.0f} samples/s; "
-          f"the all-gather is {g['all_gather_share']:.1%} of a step ({g['median_step_s_gathered'] * 1e3:.0f} ms gathered "
-          f"against {g['median_step_s_local'] * 1e3:.0f} ms local)")
+    share = "not measured (one rank)" if g["all_gather_share"] is None else f"{g['all_gather_share']:.1%} of a step"
+    print(f"pretraining step ({preset}, {batch} pairs a rank, {g['ranks']} ranks): {g['samples_per_s_gathered']:.0f} "
+          f"samples/s; the all-gather: {share} ({g['median_step_s_gathered'] * 1e3:.0f} ms gathered against "
+          f"{g['median_step_s_local'] * 1e3:.0f} ms local)")
     if "ray" in result:
         print("sgmft pretrain on Ray: " + ", ".join(f"epoch {e['epoch']} {e['steady_samples_per_s']:.0f} samples/s"
                                                     for e in result["ray"]["epochs"]))

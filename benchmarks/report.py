@@ -90,8 +90,9 @@ def _learning(r: dict) -> str:
 
 def _pretrain_throughput(r: dict) -> str:
     g = r["gather"]
-    figure = (f"{g['preset']} step {g['samples_per_s_gathered']:.0f} samples/s on 2 ranks ({g.get('backend', 'gloo')}); "
-              f"the all-gather {_pct(g['all_gather_share'])} of a step")
+    share = "not measured (one rank)" if g["all_gather_share"] is None else f"{_pct(g['all_gather_share'])} of a step"
+    figure = (f"{g['preset']} step {g['samples_per_s_gathered']:.0f} samples/s on {g.get('ranks', 2)} ranks "
+              f"({g.get('backend', 'gloo')}); the all-gather {share}")
     if "ray" in r:
         figure += f"; `sgmft pretrain` {r['ray']['epochs'][-1]['steady_samples_per_s']:.0f} samples/s"
     return figure
