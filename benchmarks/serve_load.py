@@ -1,14 +1,16 @@
 """What users of the Serve app see: closed-loop HTTP load against the in-process baseline.
 
-    python -m benchmarks.serve_load [--quick] [--haproxy]     CPU: tiny demo model
-    python -m benchmarks.serve_load --compare-proxies         both proxies, one after the other
-    python -m benchmarks.serve_load --gpu                     GPU: ViT-B-16 bf16, writes gpu_serve.json
+    python -m benchmarks.serve_load [--quick] [--python-proxy]   CPU: tiny demo model
+    python -m benchmarks.serve_load --compare-proxies            both proxies, one after the other
+    python -m benchmarks.serve_load --gpu                        GPU: ViT-B-16 bf16, writes gpu_serve.json
 
 Posts are photo-sized JPEGs (640x480, made from the workshop corpus images where
 ../shared/corpus exists, else drawn by the synthetic generator) with Weibo-like texts, sent
 as JSON with base64 images by aiohttp clients in several processes (closed loop: each client
-sends its next post when the last one is answered; their CPU time is reported), at
-concurrency 1 to 512. Side by side in the same run, on the same cores:
+sends its next post when the last one is answered, or, answered 503, after its Retry-After;
+their CPU time is reported), at concurrency 1 to 512. Side by side in the same run, on the
+same cores, with Ray started as ``sgmft serve`` starts it (the HAProxy fast path, unless
+``--python-proxy``):
 
 - ``serve``: the app as ``sgmft serve`` builds it, over HTTP on 127.0.0.1;
 - ``serve_colocated`` (CPU): the same with ``serve.model_placement: ingress`` and one
@@ -16,9 +18,14 @@ concurrency 1 to 512. Side by side in the same run, on the same cores:
 - ``inprocess``: decode + tokenise + forward of the same posts in this process, one post
   per call on one thread (what one post costs without serving), and the same in batches.
 
-Writes benchmarks/results/serve_load.json (CPU) or gpu_serve.json (GPU); with
-``--compare-proxies`` also serve_load_haproxy.json and serve_load_proxies.json, the two
-proxies measured back to back in one invocation, each against its own in-process rows.
+Every point has the CPU time of the service's processes per answered post, by kind (proxy,
+ingress, model replica, Ray's own), read from /proc over the load window; the in-process
+points have their own CPU time a post. The machine's load average at the start and the end
+is saved with the result: a run beside other work is not a measurement.
+
+Writes benchmarks/results/serve_load.json (CPU), serve_load_python_proxy.json, or
+gpu_serve.json (GPU); ``--compare-proxies`` runs the first two and writes
+serve_load_proxies.json, the two proxies back to back, each against its own in-process rows.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import RESULTS, save
+from serve_app.fastpath import use_fast_path
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
 PHOTO_SIZE = (640, 480)
@@ -61,6 +69,9 @@ class Point:
     mean_batch: float
     client_cpu_ms_per_post: float = 0.0
     """CPU time the load generator spent per answered post, on the same cores as the server."""
+    server_cpu_ms_per_post: dict[str, float] | None = None
+    """CPU time of the service's processes per answered post over the load window, by kind
+    (proxy, ingress, model replica, ray), and their total; the clients' is not in it."""
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -71,9 +82,61 @@ def percentile(values: list[float], q: float) -> float:
 def make_point(mode: str, concurrency: int, seconds: float, latencies: list[float], statuses: Counter,
                batches: list[int]) -> Point:
     ms = [x * 1000 for x in latencies]
-    errors = sum(n for code, n in statuses.items() if code != "200")
+    errors = sum(n for code, n in statuses.items() if code not in ("200", "503"))  # 503: shed, counted in statuses
     return Point(mode, concurrency, round(seconds, 2), len(latencies), errors, dict(statuses), len(latencies) / seconds,
                  percentile(ms, 50), percentile(ms, 95), percentile(ms, 99), statistics.fmean(batches) if batches else 0.0)
+
+
+# --- CPU time of the service's processes -------------------------------------------------
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def process_kind(cmdline: str) -> str:
+    """What a process under this one does for the service, from its command line."""
+    if "multiprocessing" in cmdline:
+        return "client"  # the load generator's processes: their CPU time is reported apart
+    if "SGMFTIngress" in cmdline:
+        return "ingress"
+    if "SGMFTModel" in cmdline:
+        return "model_replica"
+    if "haproxy" in cmdline.lower() or "ProxyActor" in cmdline:
+        return "proxy"
+    return "ray"
+
+
+def service_cpu_seconds() -> dict[int, tuple[str, float]]:
+    """pid -> (kind, user + system CPU seconds) of every process under this one: the local Ray
+    it started (its daemons, workers, replicas and HAProxy) and the load clients."""
+    stats: dict[int, tuple[int, str, float]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, IndexError):
+            continue
+        stats[int(entry.name)] = (int(fields[1]), cmdline, (int(fields[11]) + int(fields[12])) / CLOCK_TICKS)
+    ours, frontier = {}, [os.getpid()]
+    while frontier:
+        parent = frontier.pop()
+        for pid, (ppid, cmdline, cpu) in stats.items():
+            if ppid == parent and pid not in ours:
+                ours[pid] = (process_kind(cmdline), cpu)
+                frontier.append(pid)
+    return ours
+
+
+def cpu_ms_per_post(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]], posts: int) -> dict[str, float]:
+    """CPU-ms a post by kind between two snapshots (a process started between them counts from 0)."""
+    by_kind: Counter = Counter()
+    for pid, (kind, cpu) in after.items():
+        if kind != "client":
+            by_kind[kind] += cpu - before.get(pid, (kind, 0.0))[1]
+    result = {kind: round(1000 * seconds / max(1, posts), 3) for kind, seconds in sorted(by_kind.items())}
+    result["total"] = round(sum(result.values()), 3)
+    return result
 
 
 # --- the posts -----------------------------------------------------------------------
@@ -152,6 +215,8 @@ async def _closed_loop(url: str, bodies: list[bytes], concurrency: int, duration
                         if r.status == 200:
                             latencies.append(time.perf_counter() - t0)
                             batches.append(json.loads(body)["batch_size"])
+                    if r.status == 503:  # shed: a well-behaved client waits as it is told
+                        await asyncio.sleep(min(float(r.headers.get("Retry-After") or 1), deadline - time.perf_counter()))
                 except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                     statuses[type(exc).__name__] += 1
                 i += concurrency
@@ -172,6 +237,7 @@ def http_point(pool: ProcessPoolExecutor, processes: int, url: str, bodies: list
                duration_s: float, mode: str = "serve", headers: dict[str, str] | None = None) -> Point:
     """``concurrency`` clients spread over up to ``processes`` client processes."""
     shares = [concurrency // processes + (1 if k < concurrency % processes else 0) for k in range(processes)]
+    cpu_before = service_cpu_seconds()
     futures = [pool.submit(client_process, url, bodies, share, duration_s, 1000 * k, headers or {})
                for k, share in enumerate(shares) if share]
     latencies, statuses, batches, seconds, client_cpu = [], Counter(), [], 0.0, 0.0
@@ -184,6 +250,7 @@ def http_point(pool: ProcessPoolExecutor, processes: int, url: str, bodies: list
         client_cpu += cpu
     point = make_point(mode, concurrency, seconds, latencies, statuses, batches)
     point.client_cpu_ms_per_post = 1000 * client_cpu / max(1, len(latencies))
+    point.server_cpu_ms_per_post = cpu_ms_per_post(cpu_before, service_cpu_seconds(), len(latencies))
     return point
 
 
@@ -195,6 +262,7 @@ def inprocess_point(runner, posts: list[dict], batch: int, duration_s: float) ->
 
     runner.warmup(batch)
     latencies: list[float] = []
+    cpu_start = time.process_time()
     start = time.perf_counter()
     i = 0
     while time.perf_counter() - start < duration_s:
@@ -204,8 +272,11 @@ def inprocess_point(runner, posts: list[dict], batch: int, duration_s: float) ->
         runner.top_k(runner.probabilities(inputs["input_ids"], inputs["pixel_values"]), 3)
         latencies += [time.perf_counter() - t0] * batch  # every post of the batch waits for all of it
         i += batch
-    return make_point(f"inprocess_batch{batch}", batch, time.perf_counter() - start, latencies,
-                      Counter({"200": len(latencies)}), [batch] * len(latencies))
+    point = make_point(f"inprocess_batch{batch}", batch, time.perf_counter() - start, latencies,
+                       Counter({"200": len(latencies)}), [batch] * len(latencies))
+    cpu_ms = round(1000 * (time.process_time() - cpu_start) / max(1, len(latencies)), 3)
+    point.server_cpu_ms_per_post = {"inprocess": cpu_ms, "total": cpu_ms}
+    return point
 
 
 def forward_only_posts_per_s(runner, batch: int, repeats: int = 20) -> dict[str, float]:
@@ -299,40 +370,109 @@ def autoscaling_check(pool, processes, url_base: str, bodies: list[bytes], app: 
 def app_variants(gpu: bool, cpus: int) -> dict[str, list[str]]:
     """The Serve apps measured, by point mode: their overrides of the default config.
 
-    ``serve``: the app as ``sgmft serve`` builds it (one ingress, one model replica). On a
-    CPU, also ``serve_colocated``: ``serve.model_placement: ingress`` with one ingress
-    replica per core, the setting the README recommends for CPU-only nodes.
+    ``serve``: on a CPU, the app exactly as ``sgmft serve`` builds it (ingress replicas sized
+    from the CPUs, one model replica that may scale to two); on a GPU, one model replica on
+    the card. On a CPU, also ``serve_colocated``: ``serve.model_placement: ingress``, one
+    ingress replica per core, each running its own forwards.
     """
-    pinned = ["serve.min_replicas=1", "serve.max_replicas=1"]
     if gpu:
         return {"serve": ["serve.num_gpus_per_replica=1", "serve.num_cpus_per_replica=2", "serve.max_batch_size=128",
-                          "serve.max_ongoing_requests=512", f"serve.ingress_replicas={max(1, cpus // 2 - 2)}",
-                          "serve.ingress_cpus_per_replica=1", *pinned]}
-    common = ["serve.num_cpus_per_replica=0.5", "serve.max_batch_size=32", "serve.max_ongoing_requests=64", *pinned]
-    return {"serve": [*common, "serve.ingress_replicas=1"],
-            "serve_colocated": [*common, "serve.model_placement=ingress", f"serve.ingress_replicas={cpus}"]}
+                          "serve.max_ongoing_requests=512", "serve.ingress_max_posts=256",
+                          "serve.ingress_cpus_per_replica=1", "serve.min_replicas=1", "serve.max_replicas=1"]}
+    return {"serve": [], "serve_colocated": ["serve.model_placement=ingress", f"serve.ingress_replicas={cpus}"]}
 
 
-def run(quick: bool = False, haproxy: bool = False, gpu: bool = False) -> dict[str, Any]:
+def inprocess_points(model_dir: Path, posts: list[dict], duration: float, gpu: bool, extra: dict[str, Any],
+                     points: list[Point]) -> None:
+    """The in-process baseline, one thread: one post a call, then a batch a call; on a GPU, also
+    the forward alone."""
+    import torch
+
+    from sgmft.inference import InferenceRunner, batch_buckets
+
+    torch.set_num_threads(1)
+    baseline_batch = 256 if gpu else 32
+    # The same runner settings as the model replica's (graphs are GPU-only; eager on a CPU).
+    runner = InferenceRunner(model_dir, buckets=batch_buckets(baseline_batch), cuda_graphs=True)
+    runner.warmup()
+    for batch in (1, baseline_batch):
+        points.append(inprocess_point(runner, posts, batch, duration))
+        print(f"in-process batch {batch}: {points[-1].posts_per_s:.1f} posts/s p50 {points[-1].p50_ms:.1f} ms "
+              f"CPU-ms a post {points[-1].server_cpu_ms_per_post}", flush=True)
+    if gpu:
+        extra["forward_only_posts_per_s"] = {n: forward_only_posts_per_s(runner, n) for n in (1, 32, baseline_batch)}
+        print(f"forward only, posts/s by batch: {extra['forward_only_posts_per_s']}", flush=True)
+    runner.close()
+
+
+@dataclass
+class Load:
+    """How the HTTP points are driven: client processes, bodies, concurrencies, seconds a point."""
+
+    pool: ProcessPoolExecutor
+    processes: int
+    bodies: list[bytes]
+    concurrency: tuple[int, ...]
+    duration: float
+
+
+def serve_points(load: Load, model_dir: Path, apps: dict[str, list[str]], gpu: bool, extra: dict[str, Any],
+                 points: list[Point], record) -> None:
+    """Each app deployed in turn on the local Ray and measured at every concurrency; on a GPU,
+    then the half-GPU autoscaling check."""
+    import httpx
+    from ray import serve
+
+    from serve_app.app import INGRESS_NAME
+    from sgmft.local_ray import free_port
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        for mode, overrides in apps.items():
+            base = f"http://127.0.0.1:{port}{deploy(model_dir, 'bench', overrides)}"
+            wait_healthy(base)
+            model = httpx.get(f"{base}/v1/model", timeout=10.0, trust_env=False).json()
+            extra.setdefault("model_replica", {})[mode] = {
+                **{k: v for k, v in model.items() if k in ("device", "compiled_batch_sizes", "cuda_graph_batch_sizes")},
+                "ingress_replicas": sum(serve.status().applications["bench"].deployments[INGRESS_NAME].replica_states.values()),
+                "decode_path": "cpu, in the ingress replicas"}
+            http_point(load.pool, load.processes, f"{base}/v1/predict", load.bodies, 8, min(3.0, load.duration))  # warm-up
+            for c in load.concurrency:
+                points.append(http_point(load.pool, load.processes, f"{base}/v1/predict", load.bodies, c, load.duration, mode))
+                print(f"{mode} c={c}: {points[-1].posts_per_s:.1f} posts/s p50 {points[-1].p50_ms:.1f} ms "
+                      f"CPU-ms a post {points[-1].server_cpu_ms_per_post}", flush=True)
+                record()
+            serve.delete("bench")
+        if gpu:
+            scaled = f"http://127.0.0.1:{port}" + deploy(model_dir, "scale", [
+                o for o in apps["serve"] if "replicas" not in o and "num_gpus" not in o] + [
+                "serve.num_gpus_per_replica=0.5", "serve.min_replicas=1", "serve.max_replicas=2",
+                "serve.upscale_delay_s=2", "serve.downscale_delay_s=5", "serve.target_ongoing_requests=32"])
+            wait_healthy(scaled)
+            extra["autoscaling_half_gpu_replicas"] = autoscaling_check(load.pool, load.processes, scaled, load.bodies,
+                                                                       "scale", 20.0, 15.0)
+    finally:
+        serve.shutdown()
+
+
+def run(quick: bool = False, python_proxy: bool = False, gpu: bool = False) -> dict[str, Any]:
     import json
 
-    import httpx
     import torch
 
     from benchmarks.common import local_ray
-    from sgmft.inference import InferenceRunner, batch_buckets
-    from sgmft.local_ray import free_port
 
     if gpu and not torch.cuda.is_available():
         raise SystemExit("--gpu needs a CUDA GPU; nothing measured")
-    if haproxy:
-        os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"  # read by Serve's controller and proxies at start
+    # As `sgmft serve` starts Ray: the HAProxy fast path unless asked for Serve's Python proxy.
+    fast = None if python_proxy else use_fast_path()
     # Ray starts workers at nice 15; on a shared machine that alone slows the replicas next to
     # the clients and the in-process baseline, so they get the same priority.
     os.environ.setdefault("RAY_worker_niceness", "0")
     cpus = os.cpu_count() or 2
     preset = "ViT-B-16" if gpu else "tiny"
-    concurrency = (1, 32, 128, 512) if gpu else ((1, 32) if quick else (1, 8, 32, 128))
+    concurrency = (1, 32, 128, 512) if gpu else ((1, 32, 512) if quick else (1, 8, 32, 128, 512))
     duration = (6.0 if gpu else 5.0) if quick else 12.0
     processes = 8 if gpu else 2
     apps = app_variants(gpu, cpus)
@@ -340,11 +480,12 @@ def run(quick: bool = False, haproxy: bool = False, gpu: bool = False) -> dict[s
     post_texts, text_source = texts()
     posts = [{"text": post_texts[i % len(post_texts)], "image": image_bytes[i % len(image_bytes)]} for i in range(64)]
     bodies = [json.dumps({"text": p["text"], "image_base64": base64.b64encode(p["image"]).decode()}).encode() for p in posts]
-    result_name = ("gpu_serve" if gpu else "serve_load") + ("_haproxy" if haproxy else "")
+    result_name = ("gpu_serve" if gpu else "serve_load") + ("_python_proxy" if python_proxy else "")
     setup = {"preset": preset, "posts": f"{PHOTO_SIZE[0]}x{PHOTO_SIZE[1]} JPEG ({image_source}), {text_source}",
              "client_processes": processes, "client": "aiohttp, pre-encoded JSON bodies", "seconds_per_point": duration,
-             "apps": apps, "proxy": "haproxy" if haproxy else "default",
-             "throughput_optimized": os.environ.get("RAY_SERVE_THROUGHPUT_OPTIMIZED") == "1", "cpus": cpus}
+             "apps": apps, "proxy": "haproxy" if fast else "python",
+             "throughput_optimized": os.environ.get("RAY_SERVE_THROUGHPUT_OPTIMIZED") == "1", "cpus": cpus,
+             "load_average_at_start": os.getloadavg(), "client_503": "waits Retry-After, then sends again"}
     extra: dict[str, Any] = {"gpu": torch.cuda.get_device_name(0)} if gpu else {}
     points: list[Point] = []
 
@@ -356,45 +497,14 @@ def run(quick: bool = False, haproxy: bool = False, gpu: bool = False) -> dict[s
     with tempfile.TemporaryDirectory(prefix="sgmft-serve-bench-") as tmp, \
             ProcessPoolExecutor(processes, mp_context=get_context("spawn")) as pool:
         model_dir = make_model_dir(Path(tmp), preset)
-        torch.set_num_threads(1)
-        baseline_batch = 256 if gpu else 32
-        # The same runner settings as the model replica's (graphs are GPU-only; eager on a CPU).
-        runner = InferenceRunner(model_dir, buckets=batch_buckets(baseline_batch), cuda_graphs=True)
-        runner.warmup()
-        for batch in (1, baseline_batch):
-            points.append(inprocess_point(runner, posts, batch, duration))
-            print(f"in-process batch {batch}: {points[-1].posts_per_s:.1f} posts/s p50 {points[-1].p50_ms:.1f} ms", flush=True)
-        if gpu:
-            extra["forward_only_posts_per_s"] = {n: forward_only_posts_per_s(runner, n) for n in (1, 32, baseline_batch)}
-            print(f"forward only, posts/s by batch: {extra['forward_only_posts_per_s']}", flush=True)
-        del runner
-        with local_ray(num_cpus=cpus + (2 if not gpu else 0)):
-            from ray import serve
-
-            port = free_port()
-            serve.start(http_options={"host": "127.0.0.1", "port": port})
+        inprocess_points(model_dir, posts, duration, gpu, extra, points)
+        with local_ray(num_cpus=cpus):
             try:
-                for mode, overrides in apps.items():
-                    base = f"http://127.0.0.1:{port}{deploy(model_dir, 'bench', overrides)}"
-                    wait_healthy(base)
-                    extra.setdefault("model_replica", {})[mode] = {
-                        k: v for k, v in httpx.get(f"{base}/v1/model", timeout=10.0, trust_env=False).json().items()
-                        if k in ("device", "compiled_batch_sizes", "cuda_graph_batch_sizes")}
-                    http_point(pool, processes, f"{base}/v1/predict", bodies, 8, min(3.0, duration))  # warm-up
-                    for c in concurrency:
-                        points.append(http_point(pool, processes, f"{base}/v1/predict", bodies, c, duration, mode))
-                        print(f"{mode} c={c}: {points[-1].posts_per_s:.1f} posts/s p50 {points[-1].p50_ms:.1f} ms", flush=True)
-                        record()
-                    serve.delete("bench")
-                if gpu:
-                    scaled = f"http://127.0.0.1:{port}" + deploy(model_dir, "scale", [
-                        o for o in apps["serve"] if "replicas" not in o and "num_gpus" not in o] + [
-                        "serve.num_gpus_per_replica=0.5", "serve.min_replicas=1", "serve.max_replicas=2",
-                        "serve.upscale_delay_s=2", "serve.downscale_delay_s=5", "serve.target_ongoing_requests=32"])
-                    wait_healthy(scaled)
-                    extra["autoscaling_half_gpu_replicas"] = autoscaling_check(pool, processes, scaled, bodies, "scale", 20.0, 15.0)
+                serve_points(Load(pool, processes, bodies, concurrency, duration), model_dir, apps, gpu, extra, points, record)
             finally:
-                serve.shutdown()
+                setup["load_average_at_end"] = os.getloadavg()
+    if fast is not None:
+        fast.stop_haproxy()
     result = record()
     print_table(points, result)
     return result
@@ -419,43 +529,51 @@ def summarise(setup: dict[str, Any], points: list[Point], extra: dict[str, Any])
             result[f"overhead_p50_ms_c1{suffix}"] = by_c[1].p50_ms - one_post.p50_ms
         if 32 in by_c:
             result[f"serve_c32_vs_inprocess_one_thread{suffix}"] = by_c[32].posts_per_s / one_post.posts_per_s
+            result[f"cpu_ms_per_post_c32{suffix}"] = by_c[32].server_cpu_ms_per_post
+            result[f"cpu_c32_vs_inprocess{suffix}"] = (by_c[32].server_cpu_ms_per_post["total"]
+                                                      / one_post.server_cpu_ms_per_post["total"])
         if 512 in by_c:
             result[f"serve_c512_posts_per_s{suffix}"] = by_c[512].posts_per_s
+            result[f"serve_c512_p99_ms{suffix}"] = by_c[512].p99_ms
+            result[f"serve_c512_statuses{suffix}"] = by_c[512].statuses
+            if 32 in by_c:
+                result[f"serve_c512_vs_c32{suffix}"] = by_c[512].posts_per_s / by_c[32].posts_per_s
     return result
 
 
 def print_table(points: list[Point], result: dict[str, Any]) -> None:
-    print(f"{'mode':<20}{'c':>5}{'posts/s':>10}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'batch':>7}{'errors':>7}")
+    print(f"{'mode':<20}{'c':>5}{'posts/s':>10}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'batch':>7}{'503':>6}"
+          f"{'errors':>7}{'CPU-ms':>8}")
     for p in points:
         print(f"{p.mode:<20}{p.concurrency:>5}{p.posts_per_s:>10.1f}{p.p50_ms:>9.1f}{p.p95_ms:>9.1f}{p.p99_ms:>9.1f}"
-              f"{p.mean_batch:>7.1f}{p.errors:>7}")
+              f"{p.mean_batch:>7.1f}{p.statuses.get('503', 0):>6}{p.errors:>7}{(p.server_cpu_ms_per_post or {}).get('total', 0):>8.2f}")
     for key, value in result.items():
-        if key.startswith(("overhead_p50_ms_c1", "serve_c32_vs_inprocess_one_thread")):
+        if key.startswith(("overhead_p50_ms_c1", "serve_c32_vs_inprocess_one_thread", "cpu_c32_vs", "serve_c512_vs")):
             print(f"{key}: {value:.2f}")
-
-
-HIGH_THROUGHPUT_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+        elif key.startswith("cpu_ms_per_post_c32"):
+            print(f"{key}: {value}")
 
 
 def compare_proxies(quick: bool) -> dict[str, Any]:
-    """The default proxy, then Serve's high-throughput switches (read when Ray starts, so each
-    mode runs in a process of its own), in one invocation; their ratios side by side."""
+    """Serve's Python proxy, then the fast path (HAProxy + throughput-optimized, read when Ray
+    starts, so each runs in a process of its own), in one invocation; their ratios side by side."""
     import json
     import subprocess
     import sys
 
-    modes = {"default": ({}, "serve_load"), "haproxy_throughput_optimized": (HIGH_THROUGHPUT_ENV, "serve_load_haproxy")}
+    modes = {"python_proxy": (["--python-proxy"], "serve_load_python_proxy"), "fast_path": ([], "serve_load")}
     result: dict[str, Any] = {}
-    for mode, (env, name) in modes.items():
-        argv = [sys.executable, "-m", "benchmarks.serve_load", *(["--quick"] if quick else []), *(["--haproxy"] if env else [])]
-        subprocess.run(argv, env={**os.environ, **env}, check=True, cwd=Path(__file__).resolve().parents[1])
+    for mode, (flags, name) in modes.items():
+        argv = [sys.executable, "-m", "benchmarks.serve_load", *(["--quick"] if quick else []), *flags]
+        subprocess.run(argv, check=True, cwd=Path(__file__).resolve().parents[1])
         saved = json.loads((RESULTS / f"{name}.json").read_text())
-        result[mode] = {"env": env, "result_file": f"{name}.json", **{k: v for k, v in saved.items() if k.startswith((
-            "inprocess_one_post_", "overhead_p50_ms_c1", "serve_c32_vs_inprocess_one_thread"))}}
+        result[mode] = {"result_file": f"{name}.json", **{k: v for k, v in saved.items() if k.startswith((
+            "inprocess_one_post_", "overhead_p50_ms_c1", "serve_c32_vs_inprocess_one_thread", "cpu_c32_vs_inprocess"))}}
     for mode, r in result.items():
         for app in ("", "_colocated"):
             print(f"{mode}{app}: +{r.get(f'overhead_p50_ms_c1{app}', float('nan')):.1f} ms p50 at 1 client, "
-                  f"{r.get(f'serve_c32_vs_inprocess_one_thread{app}', float('nan')):.2f}x the one-thread in-process posts/s at 32")
+                  f"{r.get(f'serve_c32_vs_inprocess_one_thread{app}', float('nan')):.2f}x the one-thread in-process posts/s "
+                  f"and {r.get(f'cpu_c32_vs_inprocess{app}', float('nan')):.2f}x its CPU a post at 32")
     save("serve_load_proxies", result)
     return result
 
@@ -463,8 +581,8 @@ def compare_proxies(quick: bool) -> dict[str, Any]:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer and shorter points")
-    parser.add_argument("--haproxy", action="store_true", help="Serve's HAProxy proxy (RAY_SERVE_ENABLE_HA_PROXY=1)")
+    parser.add_argument("--python-proxy", action="store_true", help="Serve's Python proxy instead of the HAProxy fast path")
     parser.add_argument("--gpu", action="store_true", help="ViT-B-16 on the GPU; writes results/gpu_serve.json")
-    parser.add_argument("--compare-proxies", action="store_true", help="the default proxy, then HAProxy + throughput-optimized")
+    parser.add_argument("--compare-proxies", action="store_true", help="Serve's Python proxy, then the fast path")
     args = parser.parse_args()
-    compare_proxies(args.quick) if args.compare_proxies else run(args.quick, args.haproxy, args.gpu)
+    compare_proxies(args.quick) if args.compare_proxies else run(args.quick, args.python_proxy, args.gpu)

@@ -5,8 +5,13 @@ from __future__ import annotations
 import argparse
 import signal
 import threading
+from typing import TYPE_CHECKING
 
 from sgmft.commands import add_config_args, config_from_args
+
+if TYPE_CHECKING:
+    from serve_app.fastpath import FastPath
+    from sgmft.config import Config
 
 APP_NAME = "sgmft"
 
@@ -49,37 +54,50 @@ def serve_command(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from sgmft.local_ray import connect
-    from serve_app.app import build_app
     from serve_app.fastpath import use_fast_path
 
-    external = bool(os.environ.get("RAY_ADDRESS"))
-    fast = None if external else use_fast_path()  # a joined cluster has its own proxy settings
+    if os.environ.get("RAY_ADDRESS"):  # a joined cluster has its own proxy settings, Serve and other apps
+        try:
+            return serve_until_stopped(cfg, args.name, None)
+        finally:
+            serve.delete(args.name)
+    fast = use_fast_path()
+    try:
+        return serve_until_stopped(cfg, args.name, fast)
+    finally:
+        # Also when start-up failed (a proxy that never came up): nothing of the service stays.
+        if ray.is_initialized():
+            serve.shutdown()
+            ray.shutdown()
+        if fast is not None:
+            fast.stop_haproxy()  # Ray's shutdown leaves it running, holding the port
+
+
+def serve_until_stopped(cfg: Config, name: str, fast: FastPath | None) -> int:
+    """Start Serve and the app, then block until Ctrl-C or SIGTERM."""
+    from ray import serve
+
+    from sgmft.local_ray import connect
+    from serve_app.app import build_app
+
     connect()
+    stop = threading.Event()
+    # SIGTERM as well as Ctrl-C: the app is taken down either way. After connect(): Ray's
+    # driver installs its own SIGTERM handler, which aborts the process with nothing cleaned up.
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     s = cfg.serve
     serve.start(http_options={"host": s.host, "port": s.port})
-    stop = threading.Event()
-    # SIGTERM as well as Ctrl-C: the app is taken down either way.
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        serve.run(build_app(cfg), name=args.name, route_prefix=s.route_prefix)
+        serve.run(build_app(cfg), name=name, route_prefix=s.route_prefix)
         prefix = s.route_prefix.rstrip("/")
         url = f"http://{s.host}:{s.port}{prefix}"
         if fast is not None:
             print(f"HAProxy ingress: its stats port {fast.stats_port} and metrics port {fast.metrics_port} listen on every "
                   f"interface (keep them closed to the network); its files are in {fast.directory}", flush=True)
-        print(f"serving {cfg.serve.model_dir} at {url}/v1/predict  (API docs: {url}/docs); Ctrl-C to stop", flush=True)
+        print(f"serving {s.model_dir} at {url}/v1/predict  (API docs: {url}/docs); Ctrl-C to stop", flush=True)
         while not stop.wait(1.0):
             pass
     except KeyboardInterrupt:
         pass
-    finally:
-        print("stopping", flush=True)
-        if external:
-            serve.delete(args.name)  # a shared cluster keeps Serve and its other apps
-        else:
-            serve.shutdown()
-            ray.shutdown()
-            if fast is not None:
-                fast.stop_haproxy()  # Ray's shutdown leaves it running, holding the port
+    print("stopping", flush=True)
     return 0
