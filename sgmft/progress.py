@@ -44,6 +44,33 @@ class ProgressBoard:
         self.tasks: dict[str, dict[str, Any]] = {}
         self.messages: list[tuple[str, str]] = []
         self.processed = 0
+        self.heard_at: dict[str, float] = {}
+        """When each key was last heard of (a count, a line): a run's sign of life."""
+        self.controllers: dict[str, Any] = {}
+        self.restarts: dict[str, str] = {}
+        """A restart's line waiting for the restarted rank 0's first line, to print as one."""
+
+    def heard(self, key: str) -> None:
+        self.heard_at[key] = time.monotonic()
+
+    def idle(self, key: str) -> tuple[float, Any]:
+        """Seconds since ``key`` was last heard of, and the controller of its run (or None)."""
+        return time.monotonic() - self.heard_at.get(key, time.monotonic()), self.controllers.get(key)
+
+    def watch(self, key: str, controller: Any) -> None:
+        """``key``'s run is driven by ``controller`` (a Ray Train controller), to abort a stall with."""
+        self.controllers[key] = controller
+        self.heard(key)
+
+    def restarted(self, key: str, line: str, resumes: bool, resume_point: str) -> None:
+        """``key``'s worker group restarts after ``line``'s loss. With a checkpoint to resume
+        from, the restarted rank 0's first line (where it resumed) completes it; without, it
+        is said now."""
+        self.heard(key)
+        if resumes:
+            self.restarts[key] = line
+        else:
+            self.messages.append((key, f"{line}; {resume_point}"))
 
     def update(self, key: str, done: int | None = None, add: int = 0, total: int | None = None,
                desc: str | None = None) -> None:
@@ -59,9 +86,12 @@ class ProgressBoard:
             self.processed += add
             task["done"] += add
         task["updated"] = time.monotonic()
+        self.heard(key)
 
     def message(self, key: str, text: str) -> None:
-        self.messages.append((key, text))
+        restart = self.restarts.pop(key, None)
+        self.messages.append((key, f"{restart}; {text}" if restart else text))
+        self.heard(key)
 
     def snapshot(self, since: int) -> dict[str, Any]:
         now = time.monotonic()  # ages, not times: the driver may be on another node
@@ -127,6 +157,11 @@ class Reporter:
 _active: "Progress | None" = None
 
 
+def showing() -> bool:
+    """Whether this driver shows progress now (a :class:`Progress` is open)."""
+    return _active is not None
+
+
 def expect(key: str, total: int | Callable[[], int] | None, desc: str) -> None:
     """Driver side, before a pass whose workers :meth:`Reporter.advance` ``key``: its size and
     name for the bar. Does nothing (and never computes ``total``) when no progress is shown."""
@@ -160,7 +195,13 @@ class Progress:
         global _active
         import ray
 
-        self.board = ray.remote(num_cpus=0)(ProgressBoard).options(name=BOARD_NAME, get_if_exists=True).remote()
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        # on the driver's node, which a run cannot outlive: a board on a node that dies would
+        # take every later line with it, and reporters hold on to the board they found
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.board = ray.remote(num_cpus=0)(ProgressBoard).options(name=BOARD_NAME, get_if_exists=True,
+                                                                   scheduling_strategy=here).remote()
         ray.get(self.board.reset.remote())  # up (and empty, if an earlier run left it) before any worker looks
         _active = self
         self._thread = threading.Thread(target=self._run, name="sgmft-progress", daemon=True)

@@ -22,7 +22,7 @@ from sgmft.commands import (add_config_args, add_verbose_arg, cluster_name, conf
                             progress_bars, ray_for_command, show_path)
 from sgmft.config import Config
 from sgmft.runs import export_best, prepare
-from sgmft.train_loop import build_trainer
+from sgmft.train_loop import build_trainer, raise_if_diverged
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "demo.yaml"
 """What ``sgmft demo`` runs: the embedded default, written out."""
@@ -42,19 +42,22 @@ class TrainOutcome:
 def train(cfg: Config, evaluate_test: bool = True) -> TrainOutcome:
     """Train ``cfg`` on the connected Ray cluster, export the best model, evaluate the test split."""
     started = time.monotonic()
-    datasets, loop = prepare(cfg)
-    Path(loop["run_dir"]).mkdir(parents=True, exist_ok=True)
-    result = build_trainer(cfg, datasets, loop).fit()
+    datasets, spec = prepare(cfg)
+    Path(spec.run_dir).mkdir(parents=True, exist_ok=True)
+    from sgmft.run_watch import fit_watched
+
+    result = fit_watched(build_trainer(spec, datasets), spec.run_dir, cfg.train.stall_timeout_s)
+    raise_if_diverged(result)
     if result.error:
         raise RuntimeError(f"training failed: {result.error}") from result.error
     trained = time.monotonic()
-    model_dir, best, history = export_best(result, cfg, Path(loop["run_dir"]) / "model")
+    model_dir, best, history = export_best(result, cfg, Path(spec.run_dir) / "model")
     outcome = TrainOutcome(model_dir=model_dir, best=best, history=history, run_path=str(result.path),
-                           dataset_dir=Path(loop["dataset_dir"]), timings={"train_s": trained - started})
+                           dataset_dir=Path(spec.dataset_dir), timings={"train_s": trained - started})
     if evaluate_test and not cfg.train.features_path:
         from sgmft.evaluate import evaluate
 
-        outcome.test = evaluate(model_dir, Path(loop["dataset_dir"]), split="test")
+        outcome.test = evaluate(model_dir, Path(spec.dataset_dir), split="test")
         metrics = json.loads((model_dir / METRICS).read_text())
         metrics["test"] = {k: outcome.test[k] for k in ("accuracy", "macro_f1", "num_examples")}
         (model_dir / METRICS).write_text(json.dumps(metrics, indent=2, ensure_ascii=False))

@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from sgmft.config import Config, ConfigError, apply_overrides, config_from_dict, config_to_dict
-from sgmft.runs import data_key, loop_config, place_trial, prepare_data, resolve_dataset, run_dir
-from sgmft.train_loop import RayTrainSession, build_trainer, train_loop_per_worker, worker_resources
+from sgmft.runs import data_key, place_trial, prepare_data, resolve_dataset, run_dir, worker_spec
+from sgmft.train_loop import (RayTrainSession, TrainingDiverged, build_trainer, raise_if_diverged, run_worker,
+                              worker_resources)
 
 # A trial's driver only waits on its TorchTrainer; Tune needs a non-empty request, so a sliver.
 TRIAL_DRIVER_CPU = 0.01
@@ -97,6 +98,10 @@ class TrialSession(RayTrainSession):
 
         ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(checkpoint.path) if checkpoint else None)
 
+    def stop_diverged(self, message: str) -> None:
+        """A trial that diverged is an errored trial: Tune records it and the search goes on."""
+        raise TrainingDiverged(message)
+
 
 def in_process(cfg: Config) -> bool:
     """Whether a trial of ``cfg`` runs the worker loop in its own Tune actor (one worker)."""
@@ -120,22 +125,24 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
 
     cfg = setup.config(params, ray.tune.get_context().get_trial_id())
     data = setup.data if setup.data is not None and setup.data.key == data_key(cfg) else prepare_data(cfg)
-    loop = loop_config(cfg, data)
-    Path(loop["run_dir"]).mkdir(parents=True, exist_ok=True)
+    spec = worker_spec(cfg, data)
+    Path(spec.run_dir).mkdir(parents=True, exist_ok=True)
     if in_process(cfg):
-        loop["torch_threads"] = max(1, int(cfg.tune.cpus_per_worker))
-        train_loop_per_worker(loop, TrialSession(data.datasets, torch.device("cuda" if cfg.train.use_gpu else "cpu")))
+        spec.torch_threads = max(1, int(cfg.tune.cpus_per_worker))
+        run_worker(spec, TrialSession(data.datasets, torch.device("cuda" if cfg.train.use_gpu else "cpu")))
         return
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from sgmft.run_watch import RunWatch
+
     run_config = RunConfig(
-        name=cfg.train.run_name, storage_path=cfg.train.storage_path, callbacks=[TuneReportCallback()],
+        name=cfg.train.run_name, storage_path=cfg.train.storage_path, callbacks=[TuneReportCallback(), RunWatch(spec.run_dir)],
         failure_config=FailureConfig(max_failures=cfg.train.max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=cfg.train.metric,
                                            checkpoint_score_order=cfg.train.metric_mode),
     )
-    build_trainer(cfg, data.datasets, loop, cpus_per_worker=cfg.tune.cpus_per_worker, run_config=run_config).fit()
+    raise_if_diverged(build_trainer(spec, data.datasets, cpus_per_worker=cfg.tune.cpus_per_worker, run_config=run_config).fit())
 
 
 def trainable(cfg: Config, setup: TrialSetup):
