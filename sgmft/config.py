@@ -282,7 +282,8 @@ class ServeConfig:
     process hop per batch: for CPU-only nodes, scaled with ``ingress_replicas``."""
     ingress_replicas: int | None = None
     """HTTP ingress replicas (parsing, decoding, tokenising): the CPU side of serving. None:
-    one per CPU that Ray reports when the app is built."""
+    one per CPU that Ray reports when the app is built, as many as fit beside the CPUs the
+    model replicas reserve (num_cpus_per_replica x max_replicas)."""
     ingress_max_posts: int = 64
     """Posts one ingress replica holds at once (decoding, batching, at the model): more are
     answered 503 with Retry-After at once, so admitted posts keep their latency."""
