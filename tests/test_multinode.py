@@ -227,3 +227,63 @@ def trial_nodes() -> dict[str, str]:
 
     actors = list_actors(address=ray.get_runtime_context().gcs_address, limit=100, filters=[("state", "=", "ALIVE")])
     return {a.actor_id: a.node_id for a in actors if "run_trial" in a.class_name or "ImplicitFunc" in a.class_name}
+
+
+def replica_nodes(deployment: str) -> list[str]:
+    """Node ids of the alive replicas of the Serve deployment ``deployment``."""
+    import ray
+    from ray.util.state import list_actors
+
+    actors = list_actors(address=ray.get_runtime_context().gcs_address, limit=200, raise_on_missing_output=False,
+                         filters=[("state", "=", "ALIVE")])
+    return [a.node_id for a in actors if a.class_name.startswith("ServeReplica:") and a.class_name.endswith(f":{deployment}")]
+
+
+def test_serving_loses_a_node_under_load_with_no_5xx_but_503_and_its_capacity_comes_back(cluster, tmp_path):
+    """Two model replicas, on two nodes; the node of one that is not the head is killed while
+    four clients post: every answer is 200, or 503 with Retry-After, and the app gets its two
+    model replicas back on the nodes that remain."""
+    import base64
+
+    import httpx
+    from ray import serve
+
+    from rollout_helpers import app_config, jpeg, tiny_model_dir
+    from serve_app.app import MODEL_NAME, build_app
+    from sgmft.local_ray import free_port
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(build_app(app_config(tiny_model_dir(tmp_path / "v1", "v1"), replicas=2)), name="survive", route_prefix="/")
+        placed = wait_for(lambda: (lambda n: n if len(n) == 2 else None)(replica_nodes(MODEL_NAME)), 120, "two model replicas")
+        victim = next((name for name, node in cluster.nodes.items() if node.node_id() in placed), None)
+        assert victim is not None, f"both model replicas on the head: {placed}"
+        post = {"text": "周末在商场逛街", "image_base64": base64.b64encode(jpeg()).decode()}
+        answers: list[tuple[int, str | None]] = []
+        stop = threading.Event()
+
+        def client() -> None:
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60.0, trust_env=False) as http:
+                while not stop.is_set():
+                    r = http.post("/v1/predict", json=post)
+                    answers.append((r.status_code, r.headers.get("retry-after")))
+
+        threads = [threading.Thread(target=client) for _ in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(2)
+        killed_at = len(answers)
+        cluster.nodes[victim].kill()
+        wait_for(lambda: len(replica_nodes(MODEL_NAME)) == 2 and cluster.nodes[victim].node_id() is None, 120,
+                 "the lost model replica replaced")
+        time.sleep(2)
+        stop.set()
+        for t in threads:
+            t.join()
+    finally:
+        serve.shutdown()
+    bad = [a for a in answers if a[0] != 200 and not (a[0] == 503 and a[1])]
+    print(f"{len(answers)} answers, {sum(a[0] == 503 for a in answers)} 503s, others {bad[:5]}")
+    assert not bad, bad[:10]
+    assert any(a[0] == 200 for a in answers[killed_at:]), "nothing answered after the node was lost"
