@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from rollout_helpers import app_config, jpeg, tiny_model_dir
+from test_serve import wait_healthy
 from sgmft.local_ray import free_port
 
 CLIENTS = 4
@@ -48,7 +49,8 @@ def test_a_new_version_rolls_out_under_load_with_no_error_and_no_stalled_request
                 version = r.json().get("model_version", "") if r.status_code == 200 else r.text[:200]
                 answers.append((sent, time.monotonic() - sent, r.status_code, version))
 
-    _wait_answering(serve_port)
+    with httpx.Client(base_url=f"http://127.0.0.1:{serve_port}", timeout=5.0, trust_env=False) as http:
+        wait_healthy(http)
     threads = [threading.Thread(target=client) for _ in range(CLIENTS)]
     for t in threads:
         t.start()
@@ -75,16 +77,3 @@ def test_a_new_version_rolls_out_under_load_with_no_error_and_no_stalled_request
     # held requests for 16 s. (The goal is 2 s; on this 2-core machine, busy with other
     # work, the worst request of six runs took 1.1 to 2.8 s, so 5 s is what is held here.)
     assert slowest < 5.0, sorted(answers, key=lambda a: -a[1])[:5]
-
-
-def _wait_answering(port: int, timeout_s: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5.0, trust_env=False) as http:
-        while time.monotonic() < deadline:
-            try:
-                if http.get("/healthz").status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-    raise TimeoutError(f"the app did not answer within {timeout_s:.0f} s")
