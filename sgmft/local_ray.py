@@ -15,6 +15,7 @@ keeps whatever authentication the caller's environment sets up for it.
 from __future__ import annotations
 
 import os
+import random
 import secrets
 import socket
 import tempfile
@@ -42,10 +43,29 @@ def set_local_env() -> None:
         os.environ.setdefault(key, value)
 
 
+PORT_RANGE = (20000, 32768)
+"""Where :func:`free_port` looks: above Ray's worker ports (10002-19999 by default) and below
+Linux's ephemeral range (32768-60999), from which every Ray process that binds port 0 takes
+its own. A port picked from the ephemeral range was taken by such a process between choosing
+and binding (a head's dashboard failed so: "address already in use")."""
+_handed_out: set[int] = set()  # ports chosen but maybe not bound yet: never handed out twice
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port on 127.0.0.1 that nothing holds now, outside the ranges Ray's processes draw from."""
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(*PORT_RANGE)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise OSError(f"no free port on 127.0.0.1 in {PORT_RANGE[0]}-{PORT_RANGE[1] - 1} after 200 tries")
 
 
 def short_temp_dir(prefix: str = "sgmft-ray-") -> str:
