@@ -197,6 +197,11 @@ class DataConfig:
     preprocess_batch_size: int = 64
     preprocess_concurrency: int | None = None
     """Parallel decode+tokenise tasks. None: every cluster CPU the train workers leave free."""
+    task_cpus: float = 0.25
+    """CPUs each Ray Data task (read, decode+tokenise) asks for. A fraction, so a task fits
+    beside train workers on any node: blocks lost with a node are rebuilt by re-running their
+    tasks, and with workers of 1.5 CPUs on 2-CPU nodes no node had a whole CPU left, so the
+    run waited for ever. ``preprocess_concurrency`` still bounds how many decode at once."""
     prefetch_batches: int = 4
     """Batches each train worker keeps ready ahead of the step (pinned and on their way to a GPU)."""
     materialize: Literal["auto", "always", "never"] = "auto"
@@ -476,6 +481,7 @@ def validate(config: Config) -> None:
         (config.data.batch_size >= 1, "data.batch_size", "must be >= 1"),
         (config.data.preprocess_concurrency is None or config.data.preprocess_concurrency >= 1,
          "data.preprocess_concurrency", "must be >= 1 (or empty for automatic)"),
+        (0 < config.data.task_cpus <= 64, "data.task_cpus", "must be > 0 (a fraction lets tasks fit beside workers)"),
         (config.data.prefetch_batches >= 0, "data.prefetch_batches", "must be >= 0"),
         (t.num_workers >= 1, "train.num_workers", "must be >= 1"),
         (t.gpus_per_worker > 0 and (t.gpus_per_worker <= 1 or t.gpus_per_worker.is_integer()), "train.gpus_per_worker",

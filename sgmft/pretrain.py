@@ -62,7 +62,7 @@ def prepare_pairs(cfg: Config) -> tuple[dict[str, Any], WorkerSpec]:
     directory, spec = pairs_dir(cfg), PreprocessSpec.from_config(cfg)
     datasets = {
         split: maybe_materialize(split_dataset(directory, split, spec, None, batch_size=cfg.data.preprocess_batch_size,
-                                               concurrency=preprocess_concurrency(cfg)),
+                                               concurrency=preprocess_concurrency(cfg), num_cpus=cfg.data.task_cpus),
                                  split_rows(directory, split) * (3 * spec.image_size ** 2 + 8 * spec.context_length),
                                  cfg.data.materialize)
         for split in ("train", "val")

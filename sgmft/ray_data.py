@@ -33,8 +33,17 @@ from sgmft.data.schema import shard_files, split_files
 STRING_COLUMNS = ("post_id", "label", "error")
 
 
-def read_parquet_files(files: list[str], **read_kwargs: Any) -> ray.data.Dataset:
-    """``ray.data.read_parquet`` with one read task and block per file, on Ray's first reader.
+def read_parquet_files(files: list[str], *, rows_per_block: int | None = None, num_cpus: float = 1.0,
+                       **read_kwargs: Any) -> ray.data.Dataset:
+    """``ray.data.read_parquet`` with one read task per file, on Ray's first reader, each task
+    asking for ``num_cpus``.
+
+    With ``rows_per_block``, each read task cuts its file into blocks of about that many rows
+    (Ray's split of a read task's output): one big block would go to a single preprocessing
+    task, and blocks of one batch leave tasks idle between Ray Data's scheduling rounds.
+    Cutting at the read, not with ``repartition``, keeps every task of the pipeline at
+    ``num_cpus``: a repartition task asks for a whole CPU, and rebuilding a lost block
+    re-runs its tasks where the train workers left less (a stall seen on a 3-node cluster).
 
     Ray 2.60's default Parquet reader (datasource V2) lists files in an extra task and
     bin-packs up to 128 MiB into one block; measured on 2 cores that put 2-12 s before the
@@ -42,17 +51,23 @@ def read_parquet_files(files: list[str], **read_kwargs: Any) -> ray.data.Dataset
     read a 40 MB split of cached features (1.6 s here). The switch is scoped to this call:
     the Dataset keeps a copy of the context.
     """
+    import pyarrow.parquet as pq
+
+    blocks = len(files)
+    if rows_per_block:
+        blocks = max(blocks, -(-sum(pq.ParquetFile(f).metadata.num_rows for f in files) // rows_per_block))
     ctx = ray.data.DataContext.get_current()
     previous = getattr(ctx, "use_datasource_v2", False)
     ctx.use_datasource_v2 = False
     try:
-        return ray.data.read_parquet(files, override_num_blocks=len(files), **read_kwargs)
+        return ray.data.read_parquet(files, override_num_blocks=blocks, num_cpus=num_cpus, **read_kwargs)
     finally:
         ctx.use_datasource_v2 = previous
 
 
 def read_split(dataset_dir: str | Path, split: str, **read_kwargs: Any) -> ray.data.Dataset:
-    """The raw posts of one split (``post_id``, ``text``, ``image``, ``label``, ``meta_*``)."""
+    """The raw posts of one split (``post_id``, ``text``, ``image``, ``label``, ``meta_*``);
+    ``read_kwargs`` as :func:`read_parquet_files` takes them."""
     return read_parquet_files(split_files(dataset_dir, split), **read_kwargs)
 
 
@@ -92,25 +107,22 @@ def preprocessed(
     on_error: str = "raise",
     num_cpus: float = 1.0,
     keep_ids: bool = False,
-    rows_per_task: int | None = None,
 ) -> ray.data.Dataset:
-    """Model inputs from raw posts, decoded and tokenised by up to ``concurrency`` parallel tasks.
+    """Model inputs from raw posts, decoded and tokenised by up to ``concurrency`` parallel
+    tasks of ``num_cpus`` each, one task per input block (:func:`split_dataset` reads blocks
+    of a few batches).
 
     Tasks rather than an actor pool: a task holds its CPU only while it works, so Ray
     Train workers and Parquet reads on a small cluster are never starved (an actor pool
     that cannot get its CPUs waits for ever; the tokenizer is cached per worker process
-    anyway). ``rows_per_task`` (default ``4 * batch_size``) re-blocks the input first:
-    one big block (Ray's default Parquet reader packs up to 128 MiB into one) would go to
-    a single task, and blocks of one batch leave tasks idle between Ray Data's
-    scheduling rounds. The output dataset shares the input's DataContext.
+    anyway). The output dataset shares the input's DataContext.
     """
     if on_error not in ON_ERROR_CHOICES:
         raise ValueError(f"on_error must be one of {ON_ERROR_CHOICES}, got {on_error!r}")
-    rows_per_task = rows_per_task or 4 * batch_size
-    if min(concurrency, batch_size, rows_per_task) < 1:
-        raise ValueError(f"concurrency, batch_size and rows_per_task must be >= 1, "
-                         f"got {concurrency}, {batch_size} and {rows_per_task}")
-    out = ds.repartition(target_num_rows_per_block=rows_per_task).map_batches(
+    if min(concurrency, batch_size) < 1 or num_cpus <= 0:
+        raise ValueError(f"concurrency and batch_size must be >= 1 and num_cpus > 0, "
+                         f"got {concurrency}, {batch_size} and {num_cpus}")
+    out = ds.map_batches(
         _preprocess,
         fn_kwargs={"spec": spec, "labels": None if labels is None else list(labels),
                    "on_error": on_error, "keep_ids": keep_ids},
@@ -131,10 +143,12 @@ def preprocessed(
     return out
 
 
-def split_dataset(dataset_dir: str | Path, split: str, spec: PreprocessSpec, labels: Sequence[str] | None,
-                  **kwargs: Any) -> ray.data.Dataset:
-    """``preprocessed(read_split(dataset_dir, split), spec, labels, **kwargs)``."""
-    return preprocessed(read_split(dataset_dir, split), spec, labels, **kwargs)
+def split_dataset(dataset_dir: str | Path, split: str, spec: PreprocessSpec, labels: Sequence[str] | None, *,
+                  batch_size: int = 64, num_cpus: float = 1.0, **kwargs: Any) -> ray.data.Dataset:
+    """A split's model inputs: read in blocks of four preprocessing batches, then
+    :func:`preprocessed` (``kwargs`` as it takes them), every task at ``num_cpus``."""
+    posts = read_split(dataset_dir, split, rows_per_block=4 * batch_size, num_cpus=num_cpus)
+    return preprocessed(posts, spec, labels, batch_size=batch_size, num_cpus=num_cpus, **kwargs)
 
 
 def _encode_labels(batch: dict[str, np.ndarray], labels: list[str]) -> dict[str, np.ndarray]:
@@ -144,6 +158,8 @@ def _encode_labels(batch: dict[str, np.ndarray], labels: list[str]) -> dict[str,
     return batch
 
 
-def feature_split(features_dir: str | Path, split: str, labels: list[str]):
-    """A Ray dataset of cached features with integer labels, ready for iter_torch_batches."""
-    return read_parquet_files(shard_files(features_dir, split)).map_batches(_encode_labels, fn_kwargs={"labels": labels}, batch_format="numpy")
+def feature_split(features_dir: str | Path, split: str, labels: list[str], num_cpus: float = 1.0):
+    """A Ray dataset of cached features with integer labels, ready for iter_torch_batches;
+    every task at ``num_cpus``."""
+    return read_parquet_files(shard_files(features_dir, split), num_cpus=num_cpus).map_batches(
+        _encode_labels, fn_kwargs={"labels": labels}, batch_format="numpy", num_cpus=num_cpus)

@@ -128,7 +128,7 @@ def prepare_data(cfg: Config) -> PreparedData:
         labels = load_labels(dataset_dir)
         head_widths = feature_widths(dataset_dir)
         datasets = {
-            split: maybe_materialize(feature_split(dataset_dir, split, labels),
+            split: maybe_materialize(feature_split(dataset_dir, split, labels, cfg.data.task_cpus),
                                      sum(Path(f).stat().st_size for f in shard_files(dataset_dir, split)) * 2, cfg.data.materialize)
             for split in ("train", "val")
         }
@@ -139,7 +139,7 @@ def prepare_data(cfg: Config) -> PreparedData:
         datasets = {
             split: maybe_materialize(
                 split_dataset(dataset_dir, split, spec, labels, batch_size=cfg.data.preprocess_batch_size,
-                              concurrency=preprocess_concurrency(cfg)),
+                              concurrency=preprocess_concurrency(cfg), num_cpus=cfg.data.task_cpus),
                 split_rows(dataset_dir, split) * (3 * spec.image_size ** 2 + 8 * spec.context_length + 8),
                 cfg.data.materialize)
             for split in ("train", "val")
