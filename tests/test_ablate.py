@@ -160,4 +160,6 @@ def test_a_small_ablation_writes_intervals_and_per_case_rows(ray_cluster, tmp_pa
             boot = s["vs_full"][scope]
             assert boot["seeds"] == 2 and boot["ci_low"] <= boot["diff"] <= boot["ci_high"]
     assert (outcome.directory / "ablation.md").read_text() == outcome.markdown
+    lines = outcome.markdown.splitlines()
+    assert lines[0].startswith("| variant") and any(line.startswith("| full | 2 |") for line in lines), lines[:4]
     assert len(np.load(outcome.directory / "ablation-predictions.npz").files) == 4 + 4 * 2  # ids, labels, ok, cases + trials

@@ -402,7 +402,10 @@ def test_batch_route_takes_a_bare_list_of_posts(api, labels):
     body = r.json()
     assert body["num_ok"] == 2 and [x["post_id"] for x in body["results"]] == ["a", "b"]
     assert all(x["label"] in labels for x in body["results"])
-    assert api.post("/v1/predict/batch", json={"posts": posts}).json()["results"][0]["top_k"] == body["results"][0]["top_k"]
+    # the same answer either way, to float tolerance: the two calls' posts meet the model in batches of other sizes
+    again = api.post("/v1/predict/batch", json={"posts": posts}).json()["results"][0]["top_k"]
+    assert [x["label"] for x in again] == [x["label"] for x in body["results"][0]["top_k"]]
+    assert [x["probability"] for x in again] == pytest.approx([x["probability"] for x in body["results"][0]["top_k"]], abs=1e-5)
     assert_error(api.post("/v1/predict/batch", json=[]), 422, "empty_batch")
     assert_error(api.post("/v1/predict/batch", json="posts"), 422, "missing_field")
 
@@ -601,32 +604,3 @@ def test_cli_refuses_a_missing_model_dir(tmp_path):
     out = subprocess.run([sys.executable, "-m", "sgmft.cli", "serve", "--model", str(tmp_path / "nope")],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "does not exist" in out.stderr, out.stderr
-
-
-def test_serve_deploy_config_file(ray_head, ray_cluster, model_dir, tmp_path):
-    """``serve deploy serve_app/serve_config.yaml`` (a copy pointing at the test model and a
-    free port) against the session's ``ray start --head`` cluster answers a prediction."""
-    from ray import serve
-
-    serve.shutdown()  # the imperatively run apps go; a fresh Serve takes the file's HTTP options
-    doc = yaml.safe_load((REPO / "serve_app" / "serve_config.yaml").read_text())
-    port = free_port()
-    doc["http_options"]["port"] = port
-    (app,) = doc["applications"]
-    app["args"]["model_dir"] = str(model_dir)
-    app["args"]["overrides"] += ["serve.num_cpus_per_replica=0.25", "serve.max_replicas=1"]
-    config = tmp_path / "serve_config.yaml"
-    config.write_text(yaml.safe_dump(doc, allow_unicode=True))
-    serve_bin = str(Path(sys.executable).with_name("serve"))
-    env = {**ray_head.client_env(), "RAY_ADDRESS": ray_head.address}
-    try:
-        out = subprocess.run([serve_bin, "deploy", "--address", ray_head.dashboard_url, str(config)],
-                             capture_output=True, text=True, timeout=120, env=env)
-        assert out.returncode == 0, out.stdout + out.stderr
-        with client(port) as http:
-            wait_healthy(http, timeout_s=120)
-            r = http.post("/v1/predict", data={"text": "健身房"}, files={"image": ("h.png", image("gen_photo.png"))})
-            assert r.status_code == 200, r.text
-            assert r.json()["model_version"] == "tiny-v1"
-    finally:
-        serve.shutdown()

@@ -50,29 +50,19 @@ def test_a_run_crashed_mid_epoch_resumes_exactly_and_a_rerun_continues_it(ray_cl
     assert again.best["global_step"] in (steps, 2 * steps, 3 * steps)
 
 
-def test_training_learns_the_low_noise_synthetic_set(ray_cluster, tmp_path):
-    """It learns, and its test-split evaluation lands in metrics.json and the model directory."""
+def test_ray_job_submit_trains_a_model_that_learns(ray_head, tmp_path):
+    """``ray job submit`` of the train job on the low-noise synthetic set: it learns, and its
+    test-split evaluation lands in metrics.json and the model directory."""
     from sgmft.data.schema import split_rows
-    from sgmft.train import train
 
-    cfg = tiny_config(tmp_path, "train.run_name=learn", "data.synth.n=600", "train.epochs=6", "data.batch_size=32",
-                      "train.lr=2e-3", "train.class_weights=balanced", "train.grad_accum_steps=2")
-    outcome = train(cfg)
-    assert outcome.test["accuracy"] > 0.5, outcome.history  # chance is 0.1
-    assert outcome.history[-1]["train_loss"] < outcome.history[0]["train_loss"]
-    metrics = json.loads((outcome.model_dir / "metrics.json").read_text())
-    assert metrics["test"]["accuracy"] == outcome.test["accuracy"]
-    assert metrics["test"]["num_examples"] == split_rows(outcome.dataset_dir, "test")
-    assert (outcome.model_dir / "eval-test.json").is_file() and (outcome.model_dir / "confusion-test.png").is_file()
-
-
-def test_ray_job_submit_runs_the_train_job(ray_head, tmp_path):
+    overrides = [f"train.storage_path={tmp_path}", "train.run_name=job", "data.synth.n=600", "train.epochs=6",
+                 "data.batch_size=32", "train.lr=2e-3", "train.class_weights=balanced", "train.grad_accum_steps=2",
+                 "data.synth.text_noise=0.1", "data.synth.image_noise=0.1", "data.synth.image_swap=0.0"]
     env = {**ray_head.client_env(), "RAY_ADDRESS": ray_head.dashboard_url}
     env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
     cmd = [str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", ray_head.dashboard_url,
            "--working-dir", str(REPO), "--", sys.executable, "-m", "jobs.train", "--config", "jobs/configs/demo.yaml",
-           "--set", f"train.storage_path={tmp_path}", "--set", "train.run_name=job", "--set", "train.epochs=1",
-           "--set", "data.synth.n=160", "--set", "data.batch_size=16"]
+           *[arg for override in overrides for arg in ("--set", override)]]
     # The dashboard accepts jobs only once its agent on the head has registered; on a busy
     # machine that can lag the dashboard's own start by tens of seconds. Refused submissions
     # are retried for 120 s; the job itself gets 300 s (it takes ~60), within the test's 600.
@@ -85,8 +75,15 @@ def test_ray_job_submit_runs_the_train_job(ray_head, tmp_path):
     refused = "No available agent" in done.stdout + done.stderr
     agent_logs = ray_head.log_tail("dashboard_JobHead.log", "dashboard_agent.log") if refused else ""
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:] + agent_logs
-    assert "epoch 1/1" in done.stdout and "samples/s" in done.stdout and "ETA" in done.stdout
-    assert (tmp_path / "job" / "model" / "model.safetensors").is_file()
+    assert "epoch 6/6" in done.stdout and "samples/s" in done.stdout and "ETA" in done.stdout, done.stdout[-3000:]
+    model_dir = tmp_path / "job" / "model"
+    metrics = json.loads((model_dir / "metrics.json").read_text())
+    assert metrics["test"]["accuracy"] > 0.5, metrics["history"]  # chance is 0.1
+    assert metrics["history"][-1]["train_loss"] < metrics["history"][0]["train_loss"]
+    (dataset_dir,) = (tmp_path / "job").glob("synthetic-*")
+    assert metrics["test"]["num_examples"] == split_rows(dataset_dir, "test")
+    assert (model_dir / "model.safetensors").is_file() and (model_dir / "eval-test.json").is_file()
+    assert (model_dir / "confusion-test.png").is_file()
 
 
 def test_bad_training_config_is_refused_before_any_worker_starts(tmp_path):

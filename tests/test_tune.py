@@ -195,14 +195,3 @@ def test_a_cached_search_trains_heads_in_their_trials_and_exports_a_complete_mod
         assert any(k.startswith("backbone.") for k in f.keys())
     prediction = InferenceRunner(outcome.model_dir).predict_post("周末在商场逛街", (corpus / "images" / "hopper.jpg").read_bytes())
     assert prediction["label"] in json.loads((dataset / "labels.json").read_text())
-
-
-def test_ablation_grid_writes_the_table(ray_cluster, tmp_path, dataset):
-    from sgmft.ablate import ablate
-
-    cfg = load_config(REPO / "jobs" / "configs" / "demo.yaml", [*base_overrides(tmp_path, "ablate"), f"data.path={dataset}",
-                                                                "train.epochs=1"])
-    outcome = ablate(cfg, variants=["full", "text_only"], seeds=[0])
-    assert {r["variant"] for r in outcome.rows} == {"full", "text_only"}
-    lines = (outcome.directory / "ablation.md").read_text().splitlines()
-    assert lines[0].startswith("| variant") and any(l.startswith("| full | 1 |") for l in lines)
