@@ -105,14 +105,11 @@ def test_load_beyond_what_the_app_holds_is_shed_with_503(serve_port, model_dir):
         served = [took for status, took, _ in peak if status == 200]
         admitted = [took for status, took, _ in flood if status == 200]
         assert refused and all(retry is not None for _, retry in refused), refused[:5]
-        print(f"peak: {len(served)} posts, p50 {percentile(served, 50):.3f} s; flood: {len(admitted)} posts, "
+        print(f"peak: {len(served)} posts ({sum(st == 503 for st, _, _ in peak)} refused), p50 {percentile(served, 50):.3f} s; "
+              f"flood: {len(admitted)} posts, "
               f"p50 {percentile(admitted, 50):.3f} s, p90 {percentile(admitted, 90):.3f} s; {len(refused)} refused, "
               f"p50 {percentile([t for t, _ in refused], 50):.3f} s, p90 {percentile([t for t, _ in refused], 90):.3f} s")
-        # A refusal waits for the ingress's event loop like any request: on 2 shared cores it took
-        # 0.2-0.3 s at p50, as long as a post. Letting Serve refuse at the door instead (ongoing
-        # requests capped at ingress_max_posts) answered them in 11 ms, but admitted posts then
-        # waited in its router's back-off and throughput fell to 0.4x the peak.
-        assert percentile([took for took, _ in refused], 50) < 1.0, "refusals queue behind posts"
+        assert percentile([took for took, _ in refused], 50) < percentile(admitted, 50), "a refusal must cost less than a post"
         assert percentile(admitted, 90) < max(2.0, 3 * percentile(served, 90)), (percentile(admitted, 90), percentile(served, 90))
         assert rate(flood, 6.0) >= 0.5 * rate(peak, 6.0), (rate(flood, 6.0), rate(peak, 6.0))
     finally:
