@@ -23,7 +23,7 @@ def _user_env() -> dict[str, str]:
 @pytest.mark.slow
 def test_demo_console_shows_progress_epochs_and_summary_and_nothing_of_rays(tmp_path):
     sgmft = str(Path(sys.executable).with_name("sgmft"))
-    cmd = [sgmft, "demo", "--set", f"train.storage_path={tmp_path}", "--set", "data.synth.n=240",
+    cmd = [sgmft, "demo", "--set", f"train.storage_path={tmp_path}", "--set", "data.synth.n=160",
            "--set", "data.batch_size=16", "--set", "train.epochs=2"]
     # stdout and stderr are pipes, not a terminal: no progress bars, only the lines
     done = subprocess.run(cmd, env=_user_env(), cwd=tmp_path, capture_output=True, text=True, timeout=600)
@@ -37,7 +37,7 @@ def test_demo_console_shows_progress_epochs_and_summary_and_nothing_of_rays(tmp_
     assert not repeated, console
     assert len(lines) <= 16, console
 
-    assert lines[0].startswith("SG-MFT demo: 240 synthetic"), console
+    assert lines[0].startswith("SG-MFT demo: 160 synthetic"), console
     assert lines[1].startswith("run directory: ") and "Ray's logs: " in lines[1], console
     epochs = [line for line in lines if re.match(r"epoch \d/2  loss", line)]
     assert [line.split()[1] for line in epochs] == ["1/2", "2/2"], console

@@ -175,12 +175,12 @@ def test_a_run_that_cannot_be_placed_fails_within_its_stall_timeout_naming_what_
 
     # four 2-CPU workers: each fits on a node, and the cluster has three
     cfg = config(tmp_path, dataset, "train.run_name=stall", "train.num_workers=4", "train.cpus_per_worker=2",
-                 "train.epochs=1", "train.stall_timeout_s=15", "data.materialize=never")
+                 "train.epochs=1", "train.stall_timeout_s=10", "data.materialize=never")
     started = time.monotonic()
     with pytest.raises(RunStalled, match="no progress for") as caught:
         train(cfg, evaluate_test=False)
     message = str(caught.value)
-    assert "train.stall_timeout_s=15" in message and "placement group of 4 bundles" in message, message
+    assert "train.stall_timeout_s=10" in message and "placement group of 4 bundles" in message, message
     assert "CPU: 2" in message, message
     assert time.monotonic() - started < 120
     # the aborted run left no reservation behind

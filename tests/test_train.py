@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def tiny_config(tmp_path: Path, *overrides: str):
     return load_config(REPO / "jobs" / "configs" / "demo.yaml", [
-        f"train.storage_path={tmp_path}", "data.synth.n=240", "data.batch_size=16", "train.epochs=3",
+        f"train.storage_path={tmp_path}", "data.synth.n=160", "data.batch_size=16", "train.epochs=3",
         "data.synth.text_noise=0.1", "data.synth.image_noise=0.1", "data.synth.image_swap=0.0", *overrides,
     ])
 
