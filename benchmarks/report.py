@@ -105,9 +105,19 @@ def _ablation(r: dict) -> str:
             f"{r['test_posts']} posts; best {best['variant']} {_pct(best['test_accuracy']['mean'])}")
 
 
+def _ablation_backbones(r: dict) -> str:
+    full = next(row for row in r["rows"] if row["variant"] == "full")
+
+    def diff(scope: str) -> str:
+        d = full[scope]
+        return f"{100 * d['diff']:+.1f} points [{100 * d['ci_low']:+.1f}, {100 * d['ci_high']:+.1f}]"
+    return f"full on the {r['mine']} backbone vs {r['other']}: {diff('overall')} overall, {diff('cross_modal')} cross-modal"
+
+
 HEADLINES: dict[str, Callable[[dict], str]] = {
     "head_cost": _head_cost, "ingest": _ingest, "train_throughput": _train_throughput, "tune_cache": _tune_cache,
     "serve_load": _serve_load, "gpu_check": _gpu_check, "gpu_train": _gpu_train, "ablation": _ablation,
+    "ablation_backbones": _ablation_backbones,
     "learning": _learning, "pretrain_throughput": _pretrain_throughput, "gpu_pretrain_throughput": _pretrain_throughput,
 }
 

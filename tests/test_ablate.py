@@ -163,3 +163,20 @@ def test_a_small_ablation_writes_intervals_and_per_case_rows(ray_cluster, tmp_pa
     lines = outcome.markdown.splitlines()
     assert lines[0].startswith("| variant") and any(line.startswith("| full | 2 |") for line in lines), lines[:4]
     assert len(np.load(outcome.directory / "ablation-predictions.npz").files) == 4 + 4 * 2  # ids, labels, ok, cases + trials
+
+
+def test_two_backbones_compare_variant_by_variant_on_the_same_posts():
+    from benchmarks.ablation_compare import compare
+
+    n = 200
+    better = {(v, s): predictions(bernoulli(0.9, (n,), seed=s), seed=s) for v in ("full", "text_only") for s in (0, 1)}
+    worse = {(v, s): predictions(bernoulli(0.5, (n,), seed=10 + s), seed=s) for v in ("full", "text_only") for s in (0, 1)}
+    rows = {r["variant"]: r for r in compare(better, worse)}
+    assert list(rows) == ["full", "text_only"] and rows["full"]["seeds"] == [0, 1]
+    full = rows["full"]["overall"]
+    expected = np.mean([better["full", s].correct.mean() - worse["full", s].correct.mean() for s in (0, 1)])
+    assert full["diff"] == pytest.approx(expected) and full["ci_low"] > 0
+    assert rows["full"]["cross_modal"]["posts"] == int(np.isin(CASES[:n], CROSS_MODAL_CASES).sum())
+    shifted = {k: Predictions(np.roll(p.post_ids, 1), p.labels, p.probs, p.ok, p.cases) for k, p in worse.items()}
+    with pytest.raises(ValueError, match="different test posts"):
+        compare(better, shifted)
