@@ -459,7 +459,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    return config_from_dict(apply_overrides(values, overrides or []))
+    return _with_absolute_weights(config_from_dict(apply_overrides(values, overrides or [])))
+
+
+def _with_absolute_weights(config: Config) -> Config:
+    """Local backbone-weight paths made absolute against the current directory: workers read
+    them, and a worker's directory is not the driver's (a Tune trial runs in its own), so
+    ``checkpoint: runs/pretrain-tiny/backbone/weights.pt`` was not found by any trial."""
+    backbone = config.model.backbone
+    for name in ("checkpoint", "download_root"):
+        value = getattr(backbone, name)
+        if value and "://" not in value and not Path(value).expanduser().is_absolute():
+            setattr(backbone, name, str(Path(value).expanduser().resolve()))
+    return config
 
 
 def save_config(config: Config, path: str | Path) -> None:

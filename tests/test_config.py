@@ -99,3 +99,13 @@ def test_every_preset_a_config_may_name_has_a_head_width_and_an_input_size():
     with pytest.raises(SystemExit):
         build_parser().parse_args(["model", "summary", "--implementation", "onnx"])
     assert build_parser().parse_args(["model", "summary", "--preset", "RN50", "--implementation", "hf"]).implementation == "hf"
+
+
+def test_local_weight_paths_become_absolute_for_the_workers(tmp_path, monkeypatch):
+    """Workers read the backbone's weights from another working directory (a Tune trial's own)."""
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["model.backbone.checkpoint=runs/pretrain/backbone/weights.pt", "model.backbone.download_root=w"])
+    assert cfg.model.backbone.checkpoint == str(tmp_path / "runs/pretrain/backbone/weights.pt")
+    assert cfg.model.backbone.download_root == str(tmp_path / "w")
+    remote = load_config(None, ["model.backbone.checkpoint=s3://bucket/weights.pt"])
+    assert remote.model.backbone.checkpoint == "s3://bucket/weights.pt"
