@@ -22,19 +22,8 @@ from typing import Any
 import numpy as np
 
 from benchmarks.common import save
-from sgmft.ablate import CROSS_MODAL_CASES, TABLE_ORDER, Predictions, add_late_fusion, cross_modal, paired_bootstrap
-
-
-def load_trials(run: Path) -> dict[tuple[str, int], Predictions]:
-    """A run's trained trials from its predictions file, with late fusion added."""
-    saved = np.load(run / "ablation-predictions.npz")
-    cases = np.array([c or None for c in saved["cases"]], dtype=object)
-    trials = {}
-    for key in saved.files:
-        if "-seed" in key:
-            variant, seed = key.rsplit("-seed", 1)
-            trials[variant, int(seed)] = Predictions(saved["post_ids"], saved["labels"], saved[key], saved["ok"], cases)
-    return add_late_fusion(trials)
+from sgmft.ablate import (CROSS_MODAL_CASES, TABLE_ORDER, Predictions, add_late_fusion, cross_modal, load_predictions,
+                          paired_bootstrap)
 
 
 def compare(mine: dict[tuple[str, int], Predictions], other: dict[tuple[str, int], Predictions]) -> list[dict[str, Any]]:
@@ -76,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name, run in named:
         save(f"ablation_{name}", {**json.loads((run / "ablation.json").read_text()), "run": name})
     (mine, mine_run), (other, other_run) = named
-    rows = compare(load_trials(mine_run), load_trials(other_run))
+    rows = compare(*(add_late_fusion(load_predictions(run / "ablation-predictions.npz")) for run in (mine_run, other_run)))
     table = markdown(rows, mine, other)
     print(table)
     result = {"mine": mine, "other": other, "rows": rows, "markdown": table}

@@ -336,6 +336,14 @@ def _save_predictions(trials: dict[tuple[str, int], Predictions], path: Path) ->
                         **{f"{v}-seed{s}": p.probs for (v, s), p in trials.items()})
 
 
+def load_predictions(path: Path) -> dict[tuple[str, int], Predictions]:
+    """The trained trials :func:`_save_predictions` wrote, by (variant, seed)."""
+    saved = np.load(path)
+    cases = np.array([c or None for c in saved["cases"]], dtype=object)
+    return {(variant, int(seed)): Predictions(saved["post_ids"], saved["labels"], saved[key], saved["ok"], cases)
+            for key in saved.files if "-seed" in key for variant, seed in [key.rsplit("-seed", 1)]}
+
+
 # --- the command line ----------------------------------------------------------------------
 
 def cmd_ablate(args: argparse.Namespace) -> None:

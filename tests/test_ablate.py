@@ -180,3 +180,15 @@ def test_two_backbones_compare_variant_by_variant_on_the_same_posts():
     shifted = {k: Predictions(np.roll(p.post_ids, 1), p.labels, p.probs, p.ok, p.cases) for k, p in worse.items()}
     with pytest.raises(ValueError, match="different test posts"):
         compare(better, shifted)
+
+
+def test_saved_predictions_load_back_as_they_were(tmp_path):
+    from sgmft.ablate import _save_predictions, load_predictions
+
+    trials = {(v, s): predictions(bernoulli(0.7, (200,), seed=s), seed=s) for v in ("full", "no_sim") for s in (0, 3)}
+    _save_predictions(trials, tmp_path / "p.npz")
+    loaded = load_predictions(tmp_path / "p.npz")
+    assert set(loaded) == set(trials)
+    for key, p in trials.items():
+        assert np.array_equal(loaded[key].probs, p.probs) and np.array_equal(loaded[key].correct, p.correct)
+        assert list(loaded[key].post_ids) == list(p.post_ids) and list(loaded[key].cases) == list(p.cases)
