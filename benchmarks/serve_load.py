@@ -372,13 +372,15 @@ def app_variants(gpu: bool, cpus: int) -> dict[str, list[str]]:
 
     ``serve``: on a CPU, the app exactly as ``sgmft serve`` builds it (ingress replicas sized
     from the CPUs, one model replica that may scale to two); on a GPU, one model replica on
-    the card. On a CPU, also ``serve_colocated``: ``serve.model_placement: ingress``, one
+    the card, JPEGs decoded there, and ``serve_cpu_decode``: the same with every image decoded by
+    the ingress replicas. On a CPU, also ``serve_colocated``: ``serve.model_placement: ingress``, one
     ingress replica per core, each running its own forwards.
     """
     if gpu:
-        return {"serve": ["serve.num_gpus_per_replica=1", "serve.num_cpus_per_replica=2", "serve.max_batch_size=128",
-                          "serve.max_ongoing_requests=512", "serve.ingress_max_posts=256",
-                          "serve.ingress_cpus_per_replica=1", "serve.min_replicas=1", "serve.max_replicas=1"]}
+        one_gpu = ["serve.num_gpus_per_replica=1", "serve.num_cpus_per_replica=2", "serve.max_batch_size=128",
+                   "serve.max_ongoing_requests=512", "serve.ingress_max_posts=256",
+                   "serve.ingress_cpus_per_replica=1", "serve.min_replicas=1", "serve.max_replicas=1"]
+        return {"serve": one_gpu, "serve_cpu_decode": [*one_gpu, "serve.jpeg_decode=ingress"]}
     return {"serve": [], "serve_colocated": ["serve.model_placement=ingress", f"serve.ingress_replicas={cpus}"]}
 
 
@@ -436,7 +438,7 @@ def serve_points(load: Load, model_dir: Path, apps: dict[str, list[str]], gpu: b
             extra.setdefault("model_replica", {})[mode] = {
                 **{k: v for k, v in model.items() if k in ("device", "compiled_batch_sizes", "cuda_graph_batch_sizes")},
                 "ingress_replicas": sum(serve.status().applications["bench"].deployments[INGRESS_NAME].replica_states.values()),
-                "decode_path": "cpu, in the ingress replicas"}
+                "decode_path": {"model": "JPEGs on the model's device", "ingress": "on the ingress CPUs"}[model["jpeg_decode"]]}
             http_point(load.pool, load.processes, f"{base}/v1/predict", load.bodies, 8, min(3.0, load.duration))  # warm-up
             for c in load.concurrency:
                 points.append(http_point(load.pool, load.processes, f"{base}/v1/predict", load.bodies, c, load.duration, mode))

@@ -58,8 +58,10 @@ class Backend(Protocol):
         """Held while a post is decoded and tokenised, right before its ``predict``."""
         ...
 
-    async def predict(self, input_ids: np.ndarray, pixel_values: np.ndarray) -> dict[str, Any]:
-        """One post's model inputs -> ``{"top_k": [{"label", "probability"}, ...], "batch_size": int}``."""
+    async def predict(self, input_ids: np.ndarray, image: np.ndarray | bytes) -> dict[str, Any]:
+        """One post's token ids and image (uint8 pixels, or JPEG bytes where ``info["jpeg_decode"]``
+        is ``model``) -> ``{"top_k": [{"label", "probability"}, ...], "batch_size": int}``, or
+        ``{"error": {"code", "message"}}`` for an image the model side could not decode."""
         ...
 
 
@@ -74,23 +76,36 @@ class Metrics(Protocol):
 @dataclass
 class PreparedPost:
     input_ids: np.ndarray  # int64 (L,)
-    pixel_values: np.ndarray  # uint8 (3, S, S)
+    image: np.ndarray | bytes  # uint8 (3, S, S) pixels, or JPEG bytes the model's device decodes
     text_truncated: bool
 
 
-def prepare_post(text: str, image: bytes, spec: PreprocessSpec, max_text_chars: int) -> PreparedPost:
-    """Truncate the text, then decode and tokenise with THE preprocessing function."""
+def prepare_post(text: str, image: bytes, spec: PreprocessSpec, max_text_chars: int,
+                 jpeg_to_model: bool = False) -> PreparedPost:
+    """Truncate the text, then decode and tokenise with THE preprocessing function; with
+    ``jpeg_to_model``, a JPEG the model's device can decode is only checked from its header."""
+    from sgmft.data.device_decode import device_decodable
+
     truncated = len(text) > max_text_chars
     text = text[:max_text_chars]
     try:
-        inputs = preprocess_batch({"text": [text], "image": [image]}, spec, on_error="raise")
+        if jpeg_to_model and device_decodable(image, spec):
+            post = PreparedPost(tokenize([text], spec.context_length)[0], image, truncated)
+        else:
+            inputs = preprocess_batch({"text": [text], "image": [image]}, spec, on_error="raise")
+            post = PreparedPost(inputs["input_ids"][0], inputs["pixel_values"][0], truncated)
     except ImageDecodeError as exc:
-        message = exc.message.removeprefix(f"{exc.code}: ")
-        raise ApiError(422, exc.code, f"image: {message}") from exc
+        raise image_error(exc) from exc
     if not truncated:
         # One more position than the model's context: if it fills, the model's copy was cut.
-        truncated = bool(tokenize([text], spec.context_length + 1)[0, -1] != PAD_TOKEN_ID)
-    return PreparedPost(inputs["input_ids"][0], inputs["pixel_values"][0], truncated)
+        post.text_truncated = bool(tokenize([text], spec.context_length + 1)[0, -1] != PAD_TOKEN_ID)
+    return post
+
+
+def image_error(exc: ImageDecodeError | dict[str, str]) -> ApiError:
+    """The 422 of an image that cannot be used, from the ingress's decode or the model's."""
+    code, message = (exc.code, exc.message) if isinstance(exc, ImageDecodeError) else (exc["code"], exc["message"])
+    return ApiError(422, code, f"image: {message.removeprefix(f'{code}: ')}")
 
 
 def decode_base64_image(value: str) -> bytes:
@@ -322,17 +337,20 @@ class PostPredictor:
     max_text_chars: int
     metrics: Metrics
     admission: Admission = field(default_factory=lambda: Admission(1 << 30))
+    jpeg_to_model: bool = False
 
     async def predict(self, text: str, image: bytes, gone: Callable[[], Awaitable[bool]] | None = None) -> dict[str, Any]:
         """``gone``: whether the client has disconnected, asked once the post is prepared, so
         that a post nobody waits for never reaches the model."""
         start = time.perf_counter()
         with self.backend.preparing():  # the batcher waits for posts being prepared
-            post = await run_in_threadpool(prepare_post, text, image, self.spec, self.max_text_chars)
+            post = await run_in_threadpool(prepare_post, text, image, self.spec, self.max_text_chars, self.jpeg_to_model)
         self.metrics.observe_preprocess(time.perf_counter() - start)
         if gone is not None and await gone():
             raise ApiError(499, "client_gone", "the client disconnected before its post reached the model")
-        out = await self.backend.predict(post.input_ids, post.pixel_values)
+        out = await self.backend.predict(post.input_ids, post.image)
+        if "error" in out:
+            raise image_error(out["error"])
         return {"label": out["top_k"][0]["label"], "top_k": out["top_k"], "text_truncated": post.text_truncated,
                 "batch_size": out["batch_size"]}
 
@@ -391,7 +409,8 @@ def create_api(backend: Backend, serve_cfg: ServeConfig, spec: PreprocessSpec, m
     info = backend.info
     version = str(info["version"])
     metrics = metrics or NullMetrics()
-    posts = PostPredictor(backend, spec, serve_cfg.max_text_chars, metrics, Admission(serve_cfg.ingress_max_posts))
+    posts = PostPredictor(backend, spec, serve_cfg.max_text_chars, metrics, Admission(serve_cfg.ingress_max_posts),
+                          jpeg_to_model=info.get("jpeg_decode") == "model")
     app = FastAPI(title="SG-MFT semantic location prediction", version=version, description=DESCRIPTION)
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=serve_cfg.max_body_bytes)

@@ -15,7 +15,7 @@ import asyncio
 import os
 import time
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,11 +42,20 @@ CRASH_TEXT_ENV = "SGMFT_TEST_CRASH_ON_TEXT"
 
 @dataclass
 class PostBatch:
-    """Posts crossing from an ingress to a model replica as one object: stacked uint8 pixels."""
+    """Posts crossing from an ingress to a model replica as one object: stacked token ids,
+    and each image as uint8 pixels the ingress decoded or as JPEG bytes for the model's device."""
 
     input_ids: np.ndarray  # int64 (B, L)
-    pixel_values: np.ndarray  # uint8 (B, 3, S, S)
+    pixel_values: np.ndarray | None  # uint8 (B - len(jpegs), 3, S, S): the other rows' images, in row order
     sent: float  # time.time() when the ingress sent it, for the queue-wait metric
+    jpegs: dict[int, bytes] = field(default_factory=dict)  # row -> JPEG bytes (serve.jpeg_decode)
+
+    @classmethod
+    def of(cls, posts: list[tuple[np.ndarray, np.ndarray | bytes]]) -> PostBatch:
+        """(token ids, pixels or JPEG bytes) per post -> one batch."""
+        jpegs = {row: image for row, (_, image) in enumerate(posts) if isinstance(image, bytes)}
+        pixels = [image for _, image in posts if not isinstance(image, bytes)]
+        return cls(np.stack([ids for ids, _ in posts]), np.stack(pixels) if pixels else None, time.time(), jpegs)
 
 
 class ServedModel:
@@ -81,9 +90,9 @@ class ServedModel:
         and starves the replica's request handling; blocked here, arrivals pile up for the next run.
         """
         input_ids = np.concatenate([b.input_ids for b in batches])
-        pixel_values = np.concatenate([b.pixel_values for b in batches])
         if self._crash_ids is not None and (input_ids == self._crash_ids).all(axis=1).any():
             os._exit(1)  # test-only (CRASH_TEXT_ENV): a post that kills its replica
+        pixel_values, errors = self._pixels(batches)
         results: list[dict[str, Any]] = []
         for i in range(0, len(input_ids), self._max_batch_size):
             forward_start = time.time()
@@ -91,11 +100,38 @@ class ServedModel:
             size = len(probs)
             self._metrics.observe_batch(size, [forward_start - b.sent for b in batches], time.time() - forward_start)
             results += [{"top_k": top, "batch_size": size} for top in self.runner.top_k(probs, self._top_k)]
+        for row, exc in errors.items():  # an image no decoder could use: its post's error, as the ingress gives it
+            results[row] = {"error": {"code": exc.code, "message": exc.message}}
         out, offset = [], 0
         for b in batches:
             out.append(results[offset:offset + len(b.input_ids)])
             offset += len(b.input_ids)
         return out
+
+    def _pixels(self, batches: list[PostBatch]) -> tuple[Any, dict[int, Any]]:
+        """The batches' images in row order: their pixels as they came or, where JPEGs came,
+        one uint8 tensor on the model's device with the JPEGs decoded there; and the rows whose
+        image no decoder could use, each with its ImageDecodeError."""
+        import torch
+
+        from sgmft.data.device_decode import decode_jpegs
+        from sgmft.inference import to_device
+
+        if not any(b.jpegs for b in batches):
+            return np.concatenate([b.pixel_values for b in batches]), {}
+        jpeg_rows, encoded, pixel_rows, offset = [], [], [], 0
+        for b in batches:
+            jpeg_rows += [offset + row for row in b.jpegs]
+            encoded += b.jpegs.values()
+            pixel_rows += [offset + row for row in range(len(b.input_ids)) if row not in b.jpegs]
+            offset += len(b.input_ids)
+        spec, device = self.runner.spec, self.runner.device
+        pixels = torch.empty((offset, 3, spec.image_size, spec.image_size), dtype=torch.uint8, device=device)
+        decoded, errors = decode_jpegs(encoded, spec, device)
+        pixels[jpeg_rows] = decoded
+        if pixel_rows:
+            pixels[pixel_rows] = to_device(np.concatenate([b.pixel_values for b in batches if b.pixel_values is not None]), device)
+        return pixels, {jpeg_rows[i]: exc for i, exc in errors.items()}
 
     def _forward(self, input_ids: np.ndarray, pixel_values: np.ndarray) -> np.ndarray:
         try:
@@ -171,6 +207,7 @@ class SGMFTIngress:
         # Whoever holds the model directory gives the metadata and preprocessing spec, so what
         # is preprocessed here is what that model was trained on.
         self.info: dict[str, Any] = self._local.runner.info() if self._local else await model.info.remote()
+        self.info["jpeg_decode"] = jpeg_decode_place(s, self.info["device"])
         self._spec = spec_from_info(self.info)
         self._metrics = IngressMetrics()
         self._batcher = AdaptiveBatcher(self._send, s.max_batch_size, batches_in_flight(s), s.ingress_max_posts)
@@ -184,17 +221,18 @@ class SGMFTIngress:
     def preparing(self) -> AbstractContextManager[None]:
         return self._batcher.preparing()
 
-    async def predict(self, input_ids: np.ndarray, pixel_values: np.ndarray) -> dict[str, Any]:
-        """One post's model inputs -> ``{"top_k", "batch_size"}``, batched with concurrent posts."""
+    async def predict(self, input_ids: np.ndarray, image: np.ndarray | bytes) -> dict[str, Any]:
+        """One post's model inputs -> ``{"top_k", "batch_size"}`` (or ``{"error"}``), batched with
+        concurrent posts."""
         from serve_app.batching import QueueFull
 
         try:
-            return await self._batcher.submit((input_ids, pixel_values))
+            return await self._batcher.submit((input_ids, image))
         except QueueFull as exc:
             raise ApiError(503, "overloaded", f"{exc}; retry later", RETRY_AFTER) from exc
 
-    async def _send(self, posts: list[tuple[np.ndarray, np.ndarray]]) -> list[dict[str, Any]]:
-        batch = PostBatch(np.stack([ids for ids, _ in posts]), np.stack([pixels for _, pixels in posts]), time.time())
+    async def _send(self, posts: list[tuple[np.ndarray, np.ndarray | bytes]]) -> list[dict[str, Any]]:
+        batch = PostBatch.of(posts)
         if self._local is not None:
             return self._local.run([batch])[0]
         return await self._call_model(batch)
@@ -254,6 +292,13 @@ class SGMFTIngress:
         local = getattr(self, "_local", None)
         if local is not None:
             local.close()
+
+
+def jpeg_decode_place(s: ServeConfig, model_device: str) -> str:
+    """Where this app decodes JPEG posts (``serve.jpeg_decode``): ``model`` or ``ingress``."""
+    if s.jpeg_decode == "auto":
+        return "model" if model_device.startswith("cuda") else "ingress"
+    return s.jpeg_decode
 
 
 def autoscaling_config(min_replicas: int, max_replicas: int, target_ongoing: float, upscale_delay_s: float,

@@ -93,6 +93,7 @@ class ModelResponse(BaseModel):
     metrics: dict[str, Any] = Field(..., description="The model directory's metrics.json (training/evaluation metrics).")
     compiled_batch_sizes: list[int] = Field(default_factory=list, description="Batch sizes compiled at start-up (serve.compile).")
     cuda_graph_batch_sizes: list[int] = Field(default_factory=list, description="Batch sizes captured as CUDA graphs at start-up (serve.cuda_graphs, GPU only).")
+    jpeg_decode: Literal["ingress", "model"] = Field("ingress", description="Where JPEG posts are decoded: the ingress's CPUs, or in batches on the model's device (serve.jpeg_decode).")
 
 
 class HealthResponse(BaseModel):

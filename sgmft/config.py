@@ -301,6 +301,10 @@ class ServeConfig:
     cuda_graphs: bool = True
     """On a GPU (ignored on a CPU, and under ``compile``): capture the forward as a CUDA graph
     per batch-size bucket at start-up and replay it, instead of ~1,500 kernel launches a batch."""
+    jpeg_decode: Literal["auto", "ingress", "model"] = "auto"
+    """Where JPEG posts are decoded. ``ingress``: on its CPUs, as every other format.
+    ``model``: whole, upright colour JPEGs cross as their bytes and are decoded in batches on
+    the model's device (nvJPEG on a GPU). ``auto``: ``model`` where the model runs on a GPU."""
     retry_deadline_s: float = 30.0
     """A post whose model replica died is retried on another until this deadline, then 503;
     an attempt on a replica that hangs ends at this deadline too."""

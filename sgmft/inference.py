@@ -113,18 +113,22 @@ class InferenceRunner:
         return n
 
     @torch.inference_mode()
-    def probabilities(self, input_ids: np.ndarray, pixel_values: np.ndarray) -> np.ndarray:
-        """int64 (B, L) and uint8 (B, 3, S, S) -> float32 (B, num_labels) probabilities."""
+    def probabilities(self, input_ids: np.ndarray, pixel_values: np.ndarray | torch.Tensor) -> np.ndarray:
+        """int64 (B, L) and uint8 (B, 3, S, S) -> float32 (B, num_labels) probabilities.
+
+        ``pixel_values`` may already be on the model's device (decoded there)."""
         n = len(input_ids)
         size = self._padded(n)
         captured = self._graphs.get(size)
         if captured is not None:
+            pixels = pixel_values if isinstance(pixel_values, torch.Tensor) else host_tensor(pixel_values, self.device)
             with self._lock:
-                return captured.run(host_tensor(input_ids, self.device), host_tensor(pixel_values, self.device))
+                return captured.run(host_tensor(input_ids, self.device), pixels)
+        ids = to_device(input_ids, self.device)
+        pixels = pixel_values if isinstance(pixel_values, torch.Tensor) else to_device(pixel_values, self.device)
         if size > n:  # pad rows are all-padding text and black images, and are dropped below
-            input_ids = np.concatenate([input_ids, np.zeros((size - n, *input_ids.shape[1:]), input_ids.dtype)])
-            pixel_values = np.concatenate([pixel_values, np.zeros((size - n, *pixel_values.shape[1:]), pixel_values.dtype)])
-        ids, pixels = to_device(input_ids, self.device), to_device(pixel_values, self.device)
+            ids = torch.cat([ids, ids.new_zeros((size - n, *ids.shape[1:]))])
+            pixels = torch.cat([pixels, pixels.new_zeros((size - n, *pixels.shape[1:]))])
         with autocast(self.device):
             logits = self._forward(ids, pixels).logits[:n]
         return torch.softmax(logits.float(), dim=-1).cpu().numpy()

@@ -432,25 +432,32 @@ def wait_for(predicate, timeout_s: float, what: str, poll_s: float = 0.5):
 
 
 def test_model_placed_in_the_ingress_answers_as_the_model_deployment_does(serve_port, model_dir, api):
-    """``serve.model_placement: ingress``: no model deployment; the same answers, errors and
-    batching as the app whose forwards run in a model replica."""
+    """``serve.model_placement: ingress``, here with ``serve.jpeg_decode: model`` (JPEGs decoded
+    in batches by the model's decoder, as on a GPU): no model deployment; the same answers,
+    errors and batching as the app whose forwards run in a model replica."""
     from ray import serve
 
     from serve_app.app import INGRESS_NAME, build_app
 
-    cfg = serve_config(str(model_dir), max_batch_size=8, model_placement="ingress")
+    cfg = serve_config(str(model_dir), max_batch_size=8, model_placement="ingress", jpeg_decode="model")
     serve.run(build_app(cfg), name="colocated", route_prefix="/colocated")
     try:
         with client(serve_port, "/colocated") as http:
             wait_healthy(http)
             assert set(serve.status().applications["colocated"].deployments) == {INGRESS_NAME}
-            assert http.get("/v1/model").json()["version"] == api.get("/v1/model").json()["version"]
-            post = {"text": "医院排队", "image_base64": b64(image())}
-            here, there = http.post("/v1/predict", json=post).json(), api.post("/v1/predict", json=post).json()
-            assert [x["label"] for x in here["top_k"]] == [x["label"] for x in there["top_k"]]
-            assert [x["probability"] for x in here["top_k"]] == pytest.approx([x["probability"] for x in there["top_k"]], abs=1e-5)
+            model = http.get("/v1/model").json()
+            assert model["version"] == api.get("/v1/model").json()["version"]
+            assert (model["jpeg_decode"], api.get("/v1/model").json()["jpeg_decode"]) == ("model", "ingress")
+            for picture, tolerance in ((image(), 0.02), (hi.good_png(), 1e-5)):  # a JPEG crosses encoded, a PNG as pixels
+                post = {"text": "医院排队", "image_base64": b64(picture)}
+                here, there = http.post("/v1/predict", json=post).json(), api.post("/v1/predict", json=post).json()
+                assert here["label"] == there["label"]
+                assert [x["probability"] for x in here["top_k"]] == pytest.approx(
+                    [x["probability"] for x in there["top_k"]], abs=tolerance)
             assert_error(http.post("/v1/predict", json={"text": "x", "image_base64": b64(b"not an image")}), 422,
                          "image_undecodable")
+            assert_error(http.post("/v1/predict", json={"text": "x", "image_base64": b64(hi.truncated_jpeg())}), 422,
+                         "image_truncated")
             sizes = batch_sizes_under_load(http, post)
             assert 1 < max(sizes) <= 8, sizes
     finally:

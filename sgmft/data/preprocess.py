@@ -72,12 +72,9 @@ class ImageDecodeError(ValueError):
 
 # --- images -------------------------------------------------------------------------
 
-def load_image(data: bytes, max_image_pixels: int, draft_size: int | None = None) -> Image.Image:
-    """Decode encoded image bytes into an upright 8-bit RGB PIL image.
-
-    ``draft_size`` lets JPEGs decode at a reduced scale that still covers
-    ``draft_size`` x ``draft_size``. Raises :class:`ImageDecodeError` for anything unusable.
-    """
+def open_image(data: bytes, max_image_pixels: int) -> Image.Image:
+    """Encoded image bytes -> a PIL image whose header has been read and checked (format,
+    size, pixel limit), no pixel decoded yet. Raises :class:`ImageDecodeError`."""
     if data is None or len(data) == 0:
         raise ImageDecodeError("image_empty", "no image bytes")
     try:
@@ -96,6 +93,17 @@ def load_image(data: bytes, max_image_pixels: int, draft_size: int | None = None
     if width * height > limit:
         raise ImageDecodeError("image_too_large", f"{image.format} image of {width}x{height} = "
                                f"{width * height} pixels exceeds the limit of {limit} (refused before decoding)")
+    return image
+
+
+def load_image(data: bytes, max_image_pixels: int, draft_size: int | None = None) -> Image.Image:
+    """Decode encoded image bytes into an upright 8-bit RGB PIL image.
+
+    ``draft_size`` lets JPEGs decode at a reduced scale that still covers
+    ``draft_size`` x ``draft_size``. Raises :class:`ImageDecodeError` for anything unusable.
+    """
+    image = open_image(data, max_image_pixels)
+    width, height = image.size
     try:
         if draft_size and image.format == "JPEG":
             image.draft(None, (draft_size, draft_size))
