@@ -48,7 +48,7 @@ def test_jpegs_decode_to_the_pixels_of_the_cpu_path(device, size):
     reference = np.stack([image_pixels(d, spec) for d in data]).astype(np.int16)
     difference = np.abs(decoded.cpu().numpy().astype(np.int16) - reference)
     # Pillow first decodes large JPEGs at a reduced DCT scale; the device resizes from full size.
-    assert difference.mean() < 1.0 and np.percentile(difference, 99) <= 6, (difference.mean(), difference.max())
+    assert difference.mean() < 1.5 and np.percentile(difference, 99) <= 8, (difference.mean(), difference.max())
 
 
 @pytest.mark.parametrize("device", DEVICES)
