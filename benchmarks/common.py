@@ -20,7 +20,12 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def commit() -> str | None:
     """The commit the code measured is at, ``-dirty`` when the measured code has uncommitted
-    changes; None outside a git checkout (the report then names the commit that saved the file)."""
+    changes; None outside a git checkout (the report then names the commit that saved the file).
+    ``SGMFT_MEASURED_COMMIT`` overrides it, for a copy of the tree whose .git is not its own
+    (the device machine's)."""
+    if os.environ.get("SGMFT_MEASURED_COMMIT"):
+        return os.environ["SGMFT_MEASURED_COMMIT"]
+
     def git(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(["git", *args], cwd=RESULTS.parents[1], capture_output=True, text=True, check=False)
 

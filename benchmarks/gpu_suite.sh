@@ -3,7 +3,8 @@
 # timeout, results and a tar of the logs in $OUT (at most 8 files come back).
 #
 # Here, first:   ../shared/gpu/pack.sh                  (writes .gpu/, ignored by git)
-# Device call:   bash .gpu/unpack.sh && bash benchmarks/gpu_suite.sh     with carry: [".gpu"]
+# Device call:   bash .gpu/unpack.sh && SGMFT_MEASURED_COMMIT=<git rev-parse --short HEAD here> bash benchmarks/gpu_suite.sh
+#                with carry: [".gpu"] (the device's copy of .git may predate this checkout's commits)
 #
 # Sized for the 15 minutes of device time a task gets, start-up included: the whole suite
 # keeps within SUITE_BUDGET_S, the steps run in order of what they prove, each gets at most

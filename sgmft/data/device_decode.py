@@ -29,8 +29,9 @@ _JPEG_END = b"\xff\xd9"
 
 def device_decodable(data: bytes, spec: PreprocessSpec) -> bool:
     """Whether ``data`` may cross encoded to the model's device: a colour (YCbCr) JPEG within
-    the pixel limit, upright, and whole (it ends with its end-of-image marker, so a truncated
-    file takes the CPU path and its ``image_truncated`` error). Raises
+    the pixel limit, upright, and whole: it ends with its end-of-image marker, because nvJPEG
+    decodes a truncated file without a word (seen on an H200) where the CPU path answers
+    ``image_truncated``. Raises
     :class:`ImageDecodeError` for what the header alone refuses, as the CPU path would."""
     image = open_image(data, spec.max_image_pixels)
     if image.format != "JPEG" or image.mode != "RGB" or not data.rstrip(b"\0").endswith(_JPEG_END):
