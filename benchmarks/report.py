@@ -76,6 +76,24 @@ def _gpu_train(r: dict) -> str:
     return "; ".join(policy(name, v) for name, v in r["policies"].items())
 
 
+def _gpu_serve(r: dict) -> str:
+    def app(mode: str) -> str:
+        by_c = {p["concurrency"]: p for p in r["points"] if p["mode"] == mode}
+        top = by_c[max(by_c)]
+        return (f"{mode}: **{top['posts_per_s']:,.0f}** posts/s at {max(by_c)} clients (p99 {top['p99_ms']:,.0f} ms), "
+                f"p50 {by_c[min(by_c)]['p50_ms']:.1f} ms at {min(by_c)}")
+    modes = dict.fromkeys(p["mode"] for p in r["points"] if not p["mode"].startswith("inprocess"))
+    return "; ".join(app(mode) for mode in modes) + " (goal 2,000 posts/s at 512, p99 < 1 s, p50 < 15 ms at 1)"
+
+
+def _model_replica_profile(r: dict) -> str:
+    def size(n: str, v: dict) -> str:
+        jpegs = v["jpegs"]
+        return (f"{n} JPEG posts a run {jpegs['whole_run']['wall_ms']:.1f} ms (forward {jpegs['forward']['wall_ms']:.1f}, "
+                f"decode to the device {jpegs['images_to_device']['wall_ms']:.1f})")
+    return f"{r['preset']}: " + "; ".join(size(n, v) for n, v in r["by_batch"].items())
+
+
 def _learning(r: dict) -> str:
     last = r["epochs"][-1]
     if "top1_matches" in r:  # contrastive pretraining
@@ -91,7 +109,8 @@ def _learning(r: dict) -> str:
 def _pretrain_throughput(r: dict) -> str:
     g = r["gather"]
     share = "not measured (one rank)" if g["all_gather_share"] is None else f"{_pct(g['all_gather_share'])} of a step"
-    figure = (f"{g['preset']} step {g['samples_per_s_gathered']:.0f} samples/s on {g.get('ranks', 2)} ranks "
+    ranks = g.get("ranks", 2)
+    figure = (f"{g['preset']} step {g['samples_per_s_gathered']:.0f} samples/s on {ranks} rank{'s' * (ranks != 1)} "
               f"({g.get('backend', 'gloo')}); the all-gather {share}")
     if "ray" in r:
         figure += f"; `sgmft pretrain` {r['ray']['epochs'][-1]['steady_samples_per_s']:.0f} samples/s"
@@ -119,6 +138,8 @@ HEADLINES: dict[str, Callable[[dict], str]] = {
     "serve_load": _serve_load, "gpu_check": _gpu_check, "gpu_train": _gpu_train, "ablation": _ablation,
     "ablation_backbones": _ablation_backbones,
     "learning": _learning, "pretrain_throughput": _pretrain_throughput, "gpu_pretrain_throughput": _pretrain_throughput,
+    "gpu_serve": _gpu_serve, "gpu_model_replica_profile": _model_replica_profile,
+    "model_replica_profile": _model_replica_profile,
 }
 
 
