@@ -21,8 +21,8 @@ import base64
 import binascii
 import json
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -38,8 +38,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from sgmft.config import PAD_TOKEN_ID, ServeConfig
 from sgmft.data.labels import display_name
 from sgmft.data.preprocess import ImageDecodeError, PreprocessSpec, preprocess_batch, tokenize
+from serve_app.admission import Admission, AdmissionMiddleware
 from serve_app.auth import install_api_keys
-from serve_app.errors import RETRY_AFTER, ApiError, error_response, format_validation_errors, install_error_handlers
+from serve_app.errors import ApiError, error_response, format_validation_errors, install_error_handlers
 from serve_app.metrics import NullMetrics
 from serve_app.schemas import (
     MULTIPART_SCHEMA, BatchItemResult, BatchResponse, ErrorDetail, ErrorResponse, HealthResponse, LabelsResponse,
@@ -261,50 +262,6 @@ class RequestMetricsMiddleware:
             await self.app(scope, receive, send_recording)
         finally:
             self.metrics.observe_request(self.route_of(scope), scope.get("method", ""), status, time.perf_counter() - start)
-
-
-class Admission:
-    """The posts this ingress holds at once (decoding, batching, at the model), bounded: one
-    over the bound is refused 503 with Retry-After before anything is spent on it, so the
-    posts admitted keep their latency however many clients send."""
-
-    def __init__(self, limit: int):
-        self.limit = limit
-        self.held = 0
-
-    def full(self) -> bool:
-        return self.held >= self.limit
-
-    @contextmanager
-    def hold(self, posts: int) -> Iterator[None]:
-        if self.held + posts > self.limit:
-            raise ApiError(503, "overloaded", f"this server holds {self.held} posts, at most {self.limit} "
-                           f"(serve.ingress_max_posts); {posts} more must wait: retry later", RETRY_AFTER)
-        self.held += posts
-        try:
-            yield
-        finally:
-            self.held -= posts
-
-
-class AdmissionMiddleware:
-    """A POST that arrives while :class:`Admission` is full is answered 503 before its body
-    is parsed: refusing must cost far less than serving, or refusals eat the capacity. The
-    body is read and dropped so the connection stays usable (no reconnect per refusal)."""
-
-    def __init__(self, app: ASGIApp, admission: Admission):
-        self.app = app
-        self.admission = admission
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope.get("method") != "POST" or not self.admission.full():
-            return await self.app(scope, receive, send)
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect" or not message.get("more_body", False):
-                break
-        message = f"this server holds its most posts ({self.admission.limit}, serve.ingress_max_posts): retry later"
-        await error_response(503, "overloaded", message, RETRY_AFTER)(scope, receive, send)
 
 
 # --- the app ------------------------------------------------------------------------
