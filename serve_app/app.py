@@ -31,6 +31,9 @@ from serve_app.errors import RETRY_AFTER, ApiError
 from sgmft.model_dir import resolve_source
 
 INGRESS_NAME, MODEL_NAME = "SGMFTIngress", "SGMFTModel"
+INGRESS_RESOURCE_SHARE = 0.001
+"""What an ingress replica asks of ``serve.ingress_node_resource``: a node given 1 of it holds
+up to a thousand."""
 # What a handle call raises when the replica serving it died or is going away; the post is
 # then retried on another replica (predictions are idempotent).
 REPLICA_GONE = (ActorDiedError, ActorUnavailableError, RayActorError, ReplicaUnavailableError)
@@ -328,20 +331,38 @@ def replica_of(exc: Exception) -> str:
     return str(getattr(exc, "actor_id", None) or getattr(exc, "_replica_id", None) or id(exc))
 
 
-def cpus_of_cluster() -> int:
-    """The CPUs Ray reports, at least 1; 1 where this process is not connected to Ray (an app
-    built only to be checked)."""
+def cluster_resource(name: str) -> float:
+    """How much of a resource the Ray cluster reports; 0 where this process is not connected
+    to Ray (an app built only to be checked)."""
     import ray
 
-    return max(1, int(ray.cluster_resources().get("CPU", 1))) if ray.is_initialized() else 1
+    return float(ray.cluster_resources().get(name, 0)) if ray.is_initialized() else 0.0
+
+
+def ingress_node_resource(s: ServeConfig) -> str | None:
+    """The custom resource that places ingress replicas, where some node has it."""
+    return s.ingress_node_resource if s.ingress_node_resource and cluster_resource(s.ingress_node_resource) > 0 else None
+
+
+def cpus_for_ingress(s: ServeConfig) -> int:
+    """The CPUs Ray reports on the nodes ingress replicas may use (those with the ingress
+    resource, where one is used), at least 1."""
+    import ray
+
+    resource = ingress_node_resource(s)
+    if resource is None:
+        return max(1, int(cluster_resource("CPU")))
+    return max(1, int(sum(n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"] and n["Resources"].get(resource))))
 
 
 def default_ingress_replicas(s: ServeConfig) -> int:
-    """One ingress replica per CPU that Ray reports, as many as fit beside the model replicas'
-    reservation (the CPU side of serving scales with the node)."""
-    cpus = cpus_of_cluster()
+    """One ingress replica per CPU that Ray reports where ingress replicas may go, as many as
+    fit beside the model replicas' reservation there (the CPU side of serving scales with the
+    node). GPU model replicas are not counted against the ingress nodes' CPUs."""
+    cpus = cpus_for_ingress(s)
     per_ingress = s.num_cpus_per_replica if s.ingress_cpus_per_replica is None else s.ingress_cpus_per_replica
-    models = 0.0 if s.model_placement == "ingress" else s.num_cpus_per_replica * s.max_replicas
+    beside = s.model_placement == "replica" and (ingress_node_resource(s) is None or not s.num_gpus_per_replica)
+    models = s.num_cpus_per_replica * s.max_replicas if beside else 0.0
     fit = int((cpus - models) / per_ingress) if per_ingress > 0 else cpus
     return max(1, min(cpus, fit))
 
@@ -375,6 +396,8 @@ def build_app(cfg: Config, replica_env: dict[str, str] | None = None) -> serve.A
     s = replace(s, model_dir=resolve_source(s.model_dir), ingress_replicas=s.ingress_replicas or default_ingress_replicas(s))
     ingress_resources: dict[str, Any] = {
         "num_cpus": s.num_cpus_per_replica if s.ingress_cpus_per_replica is None else s.ingress_cpus_per_replica}
+    if ingress_node_resource(s):
+        ingress_resources["resources"] = {s.ingress_node_resource: INGRESS_RESOURCE_SHARE}
     model: serve.Application | None = None
     env = {"runtime_env": {"env_vars": replica_env}} if replica_env else {}
     if s.model_placement == "ingress":

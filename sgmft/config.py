@@ -296,6 +296,12 @@ class ServeConfig:
     """Above ``ingress_replicas``: the ingress autoscales up to this many replicas."""
     ingress_cpus_per_replica: float | None = None
     """CPUs each ingress replica reserves (None: ``num_cpus_per_replica``)."""
+    ingress_node_resource: str | None = "sgmft_ingress"
+    """Where some node of the cluster has this custom Ray resource (``cluster.yaml`` and the
+    RayService give it to the head), each ingress replica asks for a little of it, so ingress
+    replicas stay off the GPU workers: Serve's proxy does not retry a request whose ingress
+    replica died, so the posts an ingress held on a lost worker would fail with 500. None, or
+    no node with it: any node."""
     compile: bool = False
     """Run the model under torch.compile, with batch-size buckets compiled at start-up."""
     cuda_graphs: bool = True

@@ -10,6 +10,7 @@ client and job of the cluster reads that file (:func:`sgmft.local_ray.token_env`
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -88,6 +89,8 @@ class HeadNode:
     """More environment for the cluster's Ray processes, so for its workers, replicas and job drivers."""
     object_store_mb: int | None = None
     """None: Ray's default (30% of the memory)."""
+    resources: dict[str, float] = field(default_factory=dict)
+    """Custom resources of the head (``ray start --resources``)."""
     token_path: Path = field(init=False)
 
     def __post_init__(self) -> None:
@@ -127,6 +130,8 @@ class HeadNode:
                f"--dashboard-agent-listen-port={self.agent_port}"]
         if self.object_store_mb:
             cmd.append(f"--object-store-memory={self.object_store_mb * 2**20}")
+        if self.resources:
+            cmd.append(f"--resources={json.dumps(self.resources)}")
         log = open(Path(self.temp_dir) / "ray-start.log", "w")
         self.process = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout_s
