@@ -149,9 +149,9 @@ def test_a_small_ablation_writes_intervals_and_per_case_rows(ray_cluster, tmp_pa
     cfg = load_config(REPO / "jobs" / "configs" / "demo.yaml", [
         f"train.storage_path={tmp_path}", "train.run_name=ablate", f"data.path={dataset}", "data.batch_size=16",
         "train.num_workers=1", "tune.cpus_per_worker=0.25", "train.epochs=1"])
-    outcome = ablate(cfg, variants=["full", "concat_fusion", LATE_FUSION], seeds=[0, 1], resamples=1000, in_process=True)
+    outcome = ablate(cfg, variants=["full", LATE_FUSION], seeds=[0, 1], resamples=1000, in_process=True)
     report = json.loads((outcome.directory / "ablation.json").read_text())
-    variants = ["full", "concat_fusion", LATE_FUSION, "text_only", "image_only"]
+    variants = ["full", LATE_FUSION, "text_only", "image_only"]
     assert [(r["variant"], r["seed"]) for r in report["rows"]] == [(v, s) for v in variants for s in (0, 1)]
     test_posts = json.loads((dataset / "report.json").read_text())["splits"]["test"]
     assert report["test_posts"] == test_posts and all(r["per_case"] for r in report["rows"])
@@ -162,7 +162,7 @@ def test_a_small_ablation_writes_intervals_and_per_case_rows(ray_cluster, tmp_pa
     assert (outcome.directory / "ablation.md").read_text() == outcome.markdown
     lines = outcome.markdown.splitlines()
     assert lines[0].startswith("| variant") and any(line.startswith("| full | 2 |") for line in lines), lines[:4]
-    assert len(np.load(outcome.directory / "ablation-predictions.npz").files) == 4 + 4 * 2  # ids, labels, ok, cases + trials
+    assert len(np.load(outcome.directory / "ablation-predictions.npz").files) == 4 + 3 * 2  # ids, labels, ok, cases + trials
 
 
 def test_two_backbones_compare_variant_by_variant_on_the_same_posts():
