@@ -4,7 +4,8 @@ On a GPU model replica the forward is cheap and the CPU side bounds throughput: 
 resizing a 640x480 JPEG costs ~3.7 ms of one core, so a 16-core node decodes at most ~4,300
 posts/s. So a JPEG that passes the ingress's header checks (the same checks, and errors, as
 THE preprocessing function) crosses as its encoded bytes, a third of its 224 px pixels, and
-the model replica decodes the whole batch on its device and resizes it there with the
+the model replica decodes the whole batch on its device (torchvision uses the hardware JPEG
+decoder of A100/H100/H200 cards for baseline JPEGs) and resizes it there with the
 antialiased bicubic filter Pillow uses. What the device decoder refuses is decoded on the CPU
 by :func:`sgmft.data.preprocess.image_pixels`, with its errors, so a client sees the same
 answers and the same error codes on either path.
@@ -29,10 +30,10 @@ _JPEG_END = b"\xff\xd9"
 
 def device_decodable(data: bytes, spec: PreprocessSpec) -> bool:
     """Whether ``data`` may cross encoded to the model's device: a colour (YCbCr) JPEG within
-    the pixel limit, upright, and whole: it ends with its end-of-image marker, because nvJPEG
-    decodes a truncated file without a word (seen on an H200) where the CPU path answers
-    ``image_truncated``. Raises
-    :class:`ImageDecodeError` for what the header alone refuses, as the CPU path would."""
+    the pixel limit, upright, and whole. Whole means it ends with its end-of-image marker:
+    nvJPEG decodes a truncated file without a word (seen on an H200) where the CPU path
+    answers ``image_truncated``. Raises :class:`ImageDecodeError` for what the header alone
+    refuses, as the CPU path would."""
     image = open_image(data, spec.max_image_pixels)
     if image.format != "JPEG" or image.mode != "RGB" or not data.rstrip(b"\0").endswith(_JPEG_END):
         return False
