@@ -53,7 +53,7 @@ wants gpu_serve && step gpu_serve 330 0 python -m benchmarks.serve_load --gpu --
 wants gpu_train && step gpu_train 300 0 python -m benchmarks.gpu_train --quick ${GPU_TRAIN_POLICIES:+--policies $GPU_TRAIN_POLICIES}  # both recipes learn (>= 3x chance), resume, speed
 wants gpu_pretrain_throughput && step gpu_pretrain_throughput 120 0 \
   python -m benchmarks.pretrain_throughput --gpu --quick  # ViT-B-16 contrastive step in bf16 (and the gather's share on 2+ GPUs)
-wants gpu_serve_python_proxy && step gpu_serve_python_proxy 260 0 python -m benchmarks.serve_load --gpu --quick --python-proxy
+wants gpu_serve_python_proxy && step gpu_serve_python_proxy 200 0 python -m benchmarks.serve_load --gpu --quick --python-proxy --apps serve
 wants gpu_tune && step gpu_tune 300 0 python -m benchmarks.tune_cache --gpu --quick    # 8 cached trials at 0.25 GPU vs 8 end to end
 wants gpu_check && step gpu_check 90 0 python -m benchmarks.gpu_check --quick --compile  # bare step, eager and compiled forward
 tar czf "$OUT/logs.tgz" -C "$LOGS" .

@@ -375,8 +375,8 @@ def app_variants(gpu: bool, cpus: int) -> dict[str, list[str]]:
     from the CPUs, one model replica that may scale to two); on a GPU, one model replica on
     the card, JPEGs decoded there; ``serve_cpu_decode``: the same with every image decoded by
     the ingress replicas; ``serve_2_per_gpu``: two model replicas of half the card each, so one
-    prepares its batch while the other's forward runs. On a CPU, also ``serve_colocated``: ``serve.model_placement: ingress``, one
-    ingress replica per core, each running its own forwards.
+    prepares its batch while the other's forward runs. On a CPU, also ``serve_colocated``:
+    ``serve.model_placement: ingress``, one ingress replica per core, each running its own forwards.
     """
     if gpu:
         one_gpu = ["serve.num_gpus_per_replica=1", "serve.num_cpus_per_replica=2", "serve.max_batch_size=128",
