@@ -340,8 +340,11 @@ def cluster_resource(name: str) -> float:
 
 
 def ingress_node_resource(s: ServeConfig) -> str | None:
-    """The custom resource that places ingress replicas, where some node has it."""
-    return s.ingress_node_resource if s.ingress_node_resource and cluster_resource(s.ingress_node_resource) > 0 else None
+    """The custom resource that places ingress replicas, where some node has it; none when
+    the ingress holds the model (``model_placement: ingress``), which may need a GPU node."""
+    if s.model_placement != "replica" or not s.ingress_node_resource:
+        return None
+    return s.ingress_node_resource if cluster_resource(s.ingress_node_resource) > 0 else None
 
 
 def cpus_for_ingress(s: ServeConfig) -> int:

@@ -301,7 +301,7 @@ class ServeConfig:
     RayService give it to the head), each ingress replica asks for a little of it, so ingress
     replicas stay off the GPU workers: Serve's proxy does not retry a request whose ingress
     replica died, so the posts an ingress held on a lost worker would fail with 500. None, or
-    no node with it: any node."""
+    no node with it, or the model in the ingress (``model_placement: ingress``): any node."""
     compile: bool = False
     """Run the model under torch.compile, with batch-size buckets compiled at start-up."""
     cuda_graphs: bool = True

@@ -259,6 +259,21 @@ def replica_nodes(deployment: str) -> list[str]:
     return [a.node_id for a in actors if a.class_name.startswith("ServeReplica:") and a.class_name.endswith(f":{deployment}")]
 
 
+def test_ingress_replicas_go_to_the_nodes_with_the_ingress_resource_unless_they_hold_the_model(cluster):
+    """The head alone has the resource here: ingress replicas are placed and counted there (its
+    2 CPUs, not the cluster's 6; GPU model replicas take none of them, CPU ones may), but not
+    when each holds the model, which may need a GPU node."""
+    from serve_app.app import cpus_for_ingress, default_ingress_replicas, ingress_node_resource
+
+    s = ServeConfig(num_cpus_per_replica=1.0, num_gpus_per_replica=1.0)
+    assert ingress_node_resource(s) == INGRESS_NODE
+    assert cpus_for_ingress(s) == 2 and default_ingress_replicas(s) == 2
+    s.num_gpus_per_replica = 0.0
+    assert default_ingress_replicas(s) == 1  # room kept for the model replicas, which may land there
+    s.model_placement = "ingress"
+    assert ingress_node_resource(s) is None and cpus_for_ingress(s) == 6
+
+
 def test_serving_loses_a_node_under_load_with_no_5xx_but_503_and_its_capacity_comes_back(cluster, tmp_path):
     """Two model replicas, on two nodes; the node of one that is not the head is killed while
     four clients post: every answer is 200, or 503 with Retry-After, and the app gets its two
