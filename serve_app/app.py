@@ -129,14 +129,16 @@ class ServedModel:
             pixel_rows += [offset + row for row in range(len(b.input_ids)) if row not in b.jpegs]
             offset += len(b.input_ids)
         spec, device = self.runner.spec, self.runner.device
-        pixels = torch.empty((offset, 3, spec.image_size, spec.image_size), dtype=torch.uint8, device=device)
         decoded, errors = decode_jpegs(encoded, spec, device)
+        if not pixel_rows:  # every image came as a JPEG: the decoded rows are the batch's, in order
+            return decoded, errors
+        pixels = torch.empty((offset, 3, spec.image_size, spec.image_size), dtype=torch.uint8, device=device)
         pixels[jpeg_rows] = decoded
-        if pixel_rows:
-            pixels[pixel_rows] = to_device(np.concatenate([b.pixel_values for b in batches if b.pixel_values is not None]), device)
+        pixels[pixel_rows] = to_device(np.concatenate([b.pixel_values for b in batches if b.pixel_values is not None]), device)
         return pixels, {jpeg_rows[i]: exc for i, exc in errors.items()}
 
-    def _forward(self, input_ids: np.ndarray, pixel_values: np.ndarray) -> np.ndarray:
+    def _forward(self, input_ids: np.ndarray, pixel_values: Any) -> np.ndarray:
+        """``pixel_values``: uint8 pixels from the ingresses, or a tensor already on the device."""
         try:
             return self.runner.probabilities(input_ids, pixel_values)
         except RuntimeError as exc:
