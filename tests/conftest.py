@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import secrets
 import shutil
 from pathlib import Path
@@ -11,6 +12,11 @@ import pytest
 from sgmft.local_ray import quiet_data, set_local_env
 
 set_local_env()
+# Ray Train's controller polls its workers every 2 s, and waits that long at each step of a
+# run (its start, each worker group, its end): a tiny run spent 4-5 of its 18 s there. The
+# clusters, job drivers and commands the tests start inherit this; a missed poll counts
+# only after Ray Train's 10-minute worker health-check timeout.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
 # Ray installs a warnings filter of its own ("module" for RayDeprecationWarning) when
 # ray.util.annotations is first imported. Imported inside a test, it would sit in front of
