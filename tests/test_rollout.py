@@ -39,6 +39,21 @@ def serve_deploy(ray_head, config: Path, model_dir: Path, port: int) -> None:
     assert out.returncode == 0, out.stdout + out.stderr
 
 
+def cluster_report() -> str:
+    """What Serve and the cluster say: why a rollout may not have happened."""
+    import ray
+    from ray import serve
+    from ray.util.state import list_actors
+
+    status = serve.status()
+    apps = {name: (app.status, app.message[:300], {d: (s.status, s.message[:300], dict(s.replica_states))
+                                                   for d, s in app.deployments.items()})
+            for name, app in status.applications.items()}
+    alive = list_actors(address=ray.get_runtime_context().gcs_address, limit=200, raise_on_missing_output=False,
+                        filters=[("state", "=", "ALIVE")])
+    return f"serve: {apps}; available: {ray.available_resources()}; alive actors: {sorted(a.class_name for a in alive)}"
+
+
 def test_a_new_version_rolls_out_under_load_with_no_error_and_no_stalled_request(ray_head, ray_cluster, tmp_path, request):
     from ray import serve
 
@@ -72,6 +87,7 @@ def test_a_new_version_rolls_out_under_load_with_no_error_and_no_stalled_request
     # rolling out: v2 answers (old replicas may still answer too while Serve drains them)
     while time.monotonic() < deadline and sum(a[3] == "v2" for a in answers) < 20 * CLIENTS:
         time.sleep(0.5)
+    report = cluster_report()
     stop.set()
     for t in threads:
         t.join()
@@ -81,8 +97,8 @@ def test_a_new_version_rolls_out_under_load_with_no_error_and_no_stalled_request
           f"(before the switch {max((a[1] for a in answers if a[0] + a[1] < switch), default=0):.2f} s), "
           f"versions {sorted({a[3] for a in answers if a[2] == 200})}")
     assert not errors, errors[:5]
-    assert {a[3] for a in answers} == {"v1", "v2"}
-    assert sum(a[3] == "v2" for a in answers) >= 20 * CLIENTS, "v2 did not take the traffic within 120 s"
+    assert {a[3] for a in answers} == {"v1", "v2"}, report
+    assert sum(a[3] == "v2" for a in answers) >= 20 * CLIENTS, f"v2 did not take the traffic within 120 s: {report}"
     # nobody waits for a replica to restart: with one replica of each deployment the switch
     # held requests for 16 s; with two, the worst request took 0.57 s on a quiet 2-core machine
     # (1.1-2.8 s while it was busy with other work)
