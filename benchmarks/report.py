@@ -22,6 +22,9 @@ from typing import Any, Callable
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = RESULTS.parents[1]
 README_BEGIN, README_END = "<!-- results table: benchmarks/report.py --write -->", "<!-- end of results table -->"
+ABLATION_BEGIN, ABLATION_END = "<!-- ablation table: benchmarks/report.py --write -->", "<!-- end of ablation table -->"
+ABLATION_RUNS = ("ablation_random", "ablation_pretrained", "ablation_backbones")
+"""The two ablation runs (random-init and pretrained backbone) and their comparison."""
 SUMMARIES = ("summary.json", "serve_load_proxies.json")
 """Result files that gather others (each of their figures has its own row) and get none."""
 
@@ -201,15 +204,49 @@ def table(results: Path = RESULTS) -> str:
     return "\n".join(lines) + "\n"
 
 
+def ablation_table(results: Path = RESULTS) -> str | None:
+    """The ablation on both backbones, one row a variant (None without the three result files)."""
+    if not all((results / f"{name}.json").is_file() for name in ABLATION_RUNS):
+        return None
+    random_init, pretrained, backbones = (json.loads((results / f"{name}.json").read_text()) for name in ABLATION_RUNS)
+    if (backbones["mine"], backbones["other"]) != ("pretrained", "random"):
+        raise SystemExit(f"ablation_backbones compares {backbones['mine']} with {backbones['other']}, not pretrained with random")
+    summary = {run: {s["variant"]: s for s in r["summary"]} for run, r in (("random", random_init), ("pretrained", pretrained))}
+    between = {row["variant"]: row["cross_modal"] for row in backbones["rows"]}
+
+    def accuracy(s: dict) -> str:
+        return " / ".join(f"{100 * s[k]['mean']:.1f} ± {100 * s[k]['std']:.1f}" for k in ("test_accuracy", "cross_modal_accuracy"))
+
+    def interval(d: dict | None) -> str:
+        return f"{100 * d['diff']:+.1f} [{100 * d['ci_low']:+.1f}, {100 * d['ci_high']:+.1f}]" if d else "–"
+
+    lines = ["| variant | random-init: test / cross-modal | pretrained: test / cross-modal | "
+             "pretrained, cross-modal vs full | cross-modal, pretrained vs random-init |", "|---|---|---|---|---|"]
+    for variant, s in summary["pretrained"].items():
+        lines.append(f"| {variant} | {accuracy(summary['random'][variant])} | {accuracy(s)} | "
+                     f"{interval((s.get('vs_full') or {}).get('cross_modal'))} | {interval(between.get(variant))} |")
+    posts = pretrained["test_posts"], pretrained["cross_modal_posts"], len(pretrained["seeds"])
+    return ("\n".join(lines) + f"\n\nAccuracy in % on {posts[0]} synthetic test posts ({posts[1]} cross-modal), mean ± "
+            f"std over {posts[2]} seeds; differences in points with a paired bootstrap 95% interval.\n")
+
+
+def _replace_block(body: str, begin: str, end: str, text: str) -> str:
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
+    if not pattern.search(body):
+        raise SystemExit(f"README.md has no markers {begin} ... {end}")
+    return pattern.sub(lambda _: f"{begin}\n{text}{end}", body)
+
+
 def write(text: str, results: Path = RESULTS, readme: Path = REPO / "README.md") -> None:
-    """SUMMARY.md, and the README's table between its two markers."""
+    """SUMMARY.md, the README's table between its two markers, and its ablation table where
+    the ablation's results are there."""
     (results / "SUMMARY.md").write_text("# Benchmark results\n\nWritten by `python -m benchmarks.report --write` from "
                                         "`benchmarks/results/*.json`; each row names its own machine and commit.\n\n" + text)
-    body = readme.read_text()
-    pattern = re.compile(re.escape(README_BEGIN) + r".*?" + re.escape(README_END), re.S)
-    if not pattern.search(body):
-        raise SystemExit(f"README.md has no results table markers ({README_BEGIN} ... {README_END})")
-    readme.write_text(pattern.sub(lambda _: f"{README_BEGIN}\n{text}{README_END}", body))
+    body = _replace_block(readme.read_text(), README_BEGIN, README_END, text)
+    ablation = ablation_table(results)
+    if ablation is not None:
+        body = _replace_block(body, ABLATION_BEGIN, ABLATION_END, ablation)
+    readme.write_text(body)
 
 
 def main() -> None:

@@ -42,3 +42,25 @@ def test_write_replaces_the_readme_table_between_its_markers(tmp_path):
     report.write("| new |\n", results=tmp_path, readme=readme)
     assert readme.read_text() == f"intro\n{report.README_BEGIN}\n| new |\n{report.README_END}\noutro\n"
     assert (tmp_path / "SUMMARY.md").read_text().endswith("| new |\n")
+
+
+def test_the_ablation_table_sets_both_backbones_side_by_side(tmp_path):
+    def run(name: str, full: float, no_fine: float) -> dict:
+        summary = [{"variant": v, "seeds": [0, 1], "test_accuracy": {"mean": acc, "std": 0.01},
+                    "cross_modal_accuracy": {"mean": acc - 0.1, "std": 0.02}} for v, acc in (("full", full), ("no_fine", no_fine))]
+        summary[1]["vs_full"] = {"cross_modal": {"diff": no_fine - full, "ci_low": -0.06, "ci_high": -0.01}}
+        return {"run": name, "summary": summary, "seeds": [0, 1], "test_posts": 100, "cross_modal_posts": 30}
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{report.README_BEGIN}\n{report.README_END}\n{report.ABLATION_BEGIN}\nold\n{report.ABLATION_END}\n")
+    report.write("| table |\n", results=tmp_path, readme=readme)
+    assert "old" in readme.read_text()  # without the ablation's results the table stays as it was
+    _save(tmp_path, "ablation_random", run("random", 0.66, 0.67))
+    _save(tmp_path, "ablation_pretrained", run("pretrained", 0.65, 0.62))
+    _save(tmp_path, "ablation_backbones", {"mine": "pretrained", "other": "random", "rows": [
+        {"variant": "full", "cross_modal": {"diff": 0.055, "ci_low": 0.026, "ci_high": 0.085}}]})
+    report.write("| table |\n", results=tmp_path, readme=readme)
+    rows = readme.read_text().split(report.ABLATION_BEGIN)[1].splitlines()
+    assert rows[3] == "| full | 66.0 ± 1.0 / 56.0 ± 2.0 | 65.0 ± 1.0 / 55.0 ± 2.0 | – | +5.5 [+2.6, +8.5] |", rows
+    assert rows[4] == "| no_fine | 67.0 ± 1.0 / 57.0 ± 2.0 | 62.0 ± 1.0 / 52.0 ± 2.0 | -3.0 [-6.0, -1.0] | – |", rows
+    assert "100 synthetic test posts (30 cross-modal)" in rows[6] and "2 seeds" in rows[6]
