@@ -90,6 +90,8 @@ def run_pretrain(config: Path, overrides: list[str]) -> dict:
         "config": str(config.relative_to(REPO) if config.is_relative_to(REPO) else config), "overrides": overrides,
         "preset": cfg.model.backbone.preset, "pairs": cfg.pretrain.synth_n, "held_out": n_val, "chance_recall@1": 1 / n_val,
         "epochs": history, "best": {k: outcome.best[k] for k in ("epoch", "val_t2i_r@1", "val_i2t_r@1")},
+        "retrieval_at_best": {k.removeprefix("val_retrieval/"): v for k, v in outcome.best.items()
+                              if k.startswith("val_retrieval/")},
         "top1_matches": matched, "goal_recall@1": 0.5,
         "reached": min(last["val_t2i_r@1"], last["val_i2t_r@1"]) >= 0.5, "wall_s": timer.seconds,
     }
