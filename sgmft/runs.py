@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from sgmft.model_dir import CONFIG, METRICS, TRAIN_FILES, TRAIN_STATE, WEIGHTS, staged_model_dir
-from sgmft.config import Config, config_from_dict
+from sgmft.config import Config, ConfigError, config_from_dict
 from sgmft.data.schema import label_counts, load_labels, shard_files, split_rows
 from sgmft.feature_cache import FeatureCacheError, check_cache, feature_widths
 from sgmft.worker_spec import WorkerSpec
@@ -32,6 +32,51 @@ TRIALS = "trials"
 def run_dir(cfg: Config) -> Path:
     """Where a run keeps its checkpoints, dataset and exported model."""
     return Path(cfg.train.storage_path).resolve() / cfg.train.run_name
+
+
+RESUMABLE_CHANGES = (
+    "model.num_labels", "train.epochs", "train.max_failures", "train.fail_once_at_step", "train.stall_timeout_s",
+    "train.keep_checkpoints", "train.num_workers", "train.cpus_per_worker", "train.use_gpu", "train.gpus_per_worker",
+    "train.precision", "data.materialize", "data.preprocess_batch_size", "data.preprocess_concurrency",
+    "data.task_cpus", "data.prefetch_batches", "tune.", "serve.",
+)
+"""Config keys (and sections) a run may change when it is resumed: how long, where and on
+what it runs, not what it trains (``model.num_labels`` comes from the dataset)."""
+
+
+class RunConfigChanged(ConfigError):
+    """A run directory holds checkpoints of another configuration than the one given for it."""
+
+
+def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and not key.endswith("search_space"):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def check_resume(cfg: Config) -> None:
+    """Refuse ``cfg`` for a run directory whose last checkpoint was trained with another
+    configuration: Ray Train resumes a run by its name, and would go on (or, with fewer
+    epochs than it has, stop at once) with the old run's weights and the new settings."""
+    saved = sorted(run_dir(cfg).glob("epoch-*/" + CONFIG))
+    if not saved:
+        return
+    try:
+        before = _flat(asdict(config_from_dict(json.loads(saved[-1].read_text()))))
+    except ValueError as exc:  # a ConfigError too: written by a version with other keys
+        before = {"(the saved config)": str(exc)}
+    now = _flat(asdict(cfg))
+    changed = [f"{key} {before.get(key)!r} -> {now.get(key)!r}" for key in sorted(set(before) | set(now))
+               if before.get(key) != now.get(key) and not key.startswith(RESUMABLE_CHANGES)]
+    if changed:
+        raise RunConfigChanged(
+            f"run directory {run_dir(cfg)} holds a run trained with another configuration (its checkpoint "
+            f"{saved[-1].parent.name}): {'; '.join(changed[:8])}{' ...' if len(changed) > 8 else ''}. To continue that "
+            f"run, give it its own configuration; to start a new one, set another train.run_name or remove the directory")
 
 
 def place_trial(cfg: Config, search_dir: Path, trial_id: str) -> Config:

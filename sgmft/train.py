@@ -21,7 +21,7 @@ from sgmft.model_dir import METRICS
 from sgmft.commands import (add_config_args, add_verbose_arg, cluster_name, config_from_args, data_source, print_where,
                             progress_bars, ray_for_command, show_path)
 from sgmft.config import Config
-from sgmft.runs import export_best, prepare
+from sgmft.runs import check_resume, export_best, prepare
 from sgmft.train_loop import build_trainer, raise_if_diverged
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "demo.yaml"
@@ -42,6 +42,7 @@ class TrainOutcome:
 def train(cfg: Config, evaluate_test: bool = True) -> TrainOutcome:
     """Train ``cfg`` on the connected Ray cluster, export the best model, evaluate the test split."""
     started = time.monotonic()
+    check_resume(cfg)
     datasets, spec = prepare(cfg)
     Path(spec.run_dir).mkdir(parents=True, exist_ok=True)
     from sgmft.run_watch import fit_watched
