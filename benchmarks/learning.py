@@ -83,12 +83,13 @@ def run_pretrain(config: Path, overrides: list[str]) -> dict:
         with Timer() as timer:
             outcome = pretrain(cfg)
         matched = attributes_matched(outcome.backbone, cfg, pairs_dir(cfg))
-        n_val = split_rows(pairs_dir(cfg), "val")
+        n_train, n_val = split_rows(pairs_dir(cfg), "train"), split_rows(pairs_dir(cfg), "val")
     history = [{k: h[k] for k in ("epoch", "train_loss", "val_t2i_r@1", "val_i2t_r@1", "grad_norm", "lr")} for h in outcome.history]
     last = history[-1]
     result = {
         "config": str(config.relative_to(REPO) if config.is_relative_to(REPO) else config), "overrides": overrides,
-        "preset": cfg.model.backbone.preset, "pairs": cfg.pretrain.synth_n, "held_out": n_val, "chance_recall@1": 1 / n_val,
+        "preset": cfg.model.backbone.preset, "pairs": cfg.pretrain.pairs_path or f"synthetic, {cfg.pretrain.synth_n}",
+        "train_pairs": n_train, "held_out": n_val, "chance_recall@1": 1 / n_val,
         "epochs": history, "best": {k: outcome.best[k] for k in ("epoch", "val_t2i_r@1", "val_i2t_r@1")},
         "retrieval_at_best": {k.removeprefix("val_retrieval/"): v for k, v in outcome.best.items()
                               if k.startswith("val_retrieval/")},

@@ -341,6 +341,10 @@ class PretrainConfig:
     synth_image_size: int = 64
     two_object_share: float = 0.7
     """Share of synthetic pairs that show two objects side by side (the rest show one)."""
+    synth_val_frac: float = 0.1
+    """Share of the synthetic pairs held out for the recall each epoch reports: with more
+    pairs, a smaller share keeps the held-out set (and so what recall@1 means) the same size."""
+    synth_test_frac: float = 0.1
     zero_shot_data: str | None = None
     """A labeled dataset directory: each epoch also scores zero-shot labelling of its val split,
     each label prompted as text ("我在{label}")."""
@@ -511,6 +515,11 @@ def validate(config: Config) -> None:
         (t.epochs >= 1, "train.epochs", "must be >= 1"),
         (config.pretrain.synth_n >= 10, "pretrain.synth_n", "must be >= 10 (a pair for every split)"),
         (0.0 <= config.pretrain.two_object_share <= 1.0, "pretrain.two_object_share", "must be in [0, 1]"),
+        (0.0 < config.pretrain.synth_val_frac < 1.0, "pretrain.synth_val_frac", "must be in (0, 1)"),
+        (0.0 < config.pretrain.synth_test_frac < 1.0 - config.pretrain.synth_val_frac, "pretrain.synth_test_frac",
+         "must be in (0, 1 - pretrain.synth_val_frac)"),
+        (round(config.pretrain.synth_n * config.pretrain.synth_val_frac) >= 1, "pretrain.synth_val_frac",
+         f"holds out no pair of pretrain.synth_n={config.pretrain.synth_n}"),
         (t.grad_accum_steps >= 1, "train.grad_accum_steps", "must be >= 1"),
         (t.stall_timeout_s > 0, "train.stall_timeout_s", "must be > 0"),
         (0.0 <= t.warmup_ratio < 1.0, "train.warmup_ratio", "must be in [0, 1)"),

@@ -25,7 +25,7 @@ import torch
 from sgmft.commands import add_config_args, add_verbose_arg, config_from_args, print_where, progress_bars, ray_for_command, show_path
 from sgmft.config import Config
 from sgmft.model_dir import METRICS, TRAIN_STATE, WEIGHTS, staged_model_dir
-from sgmft.runs import best_checkpoint, maybe_materialize, preprocess_concurrency, run_dir
+from sgmft.runs import best_checkpoint, check_resume, maybe_materialize, preprocess_concurrency, run_dir
 from sgmft.train_loop import WorkerRun, _all_reduce, _autocast, _batches, build_trainer, raise_if_diverged
 from sgmft.worker_spec import WorkerSpec
 
@@ -45,10 +45,11 @@ def pairs_dir(cfg: Config) -> Path:
         return path
     from sgmft.data.pairs import synthesize_pairs
 
-    path = run_dir(cfg) / f"pairs-n{p.synth_n}-seed{p.synth_seed}-px{p.synth_image_size}-two{p.two_object_share}"
+    path = run_dir(cfg) / (f"pairs-n{p.synth_n}-seed{p.synth_seed}-px{p.synth_image_size}-two{p.two_object_share}"
+                           f"-val{p.synth_val_frac}-test{p.synth_test_frac}")
     if not (path / "labels.json").is_file():
         synthesize_pairs(path, n=p.synth_n, seed=p.synth_seed, image_size=p.synth_image_size,
-                         two_object_share=p.two_object_share)
+                         two_object_share=p.two_object_share, val_frac=p.synth_val_frac, test_frac=p.synth_test_frac)
     return path
 
 
@@ -181,6 +182,7 @@ def pretrain(cfg: Config) -> PretrainOutcome:
     from sgmft.run_watch import fit_watched
 
     cfg.train.metric, cfg.train.metric_mode = CHECKPOINT_METRIC, "max"
+    check_resume(cfg)
     datasets, spec = prepare_pairs(cfg)
     Path(spec.run_dir).mkdir(parents=True, exist_ok=True)
     trainer = build_trainer(spec, datasets, task=contrastive_task, validation=retrieval_validation)

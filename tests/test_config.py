@@ -26,6 +26,8 @@ def test_defaults_round_trip_through_yaml(tmp_path):
         ({"serve": {"max_batch_size": 64, "max_ongoing_requests": 8}}, "serve.max_ongoing_requests"),
         ({"model": {"d_model": 66, "num_heads": 4}}, "model.d_model"),
         ({"nonsense": {}}, "nonsense"),
+        ({"pretrain": {"synth_n": 100, "synth_val_frac": 0.001}}, "pretrain.synth_val_frac"),
+        ({"pretrain": {"synth_val_frac": 0.6, "synth_test_frac": 0.5}}, "pretrain.synth_test_frac"),
     ],
 )
 def test_bad_values_name_the_key(values, key):

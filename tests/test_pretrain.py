@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 from sgmft.data.pairs import COLOURS, SHAPE_NAMES, pair, synthesize_pairs
 from sgmft.data.schema import load_labels, split_files, split_rows, validate_dataset
 from sgmft.data.synth import cue_words
+from sgmft.runs import RunConfigChanged
 from sgmft.data.labels import DEFAULT_LABELS
 from sgmft.models.contrastive import ContrastiveOutput, contrastive_loss, retrieval_metrics
 
@@ -122,8 +123,9 @@ def test_pretraining_on_ray_exports_a_backbone_that_sgmft_loads(ray_cluster, tmp
 
     # 320 training pairs / 2 workers / 16 = 10 steps an epoch: a worker dies in the middle of epoch 2
     cfg = load_config("jobs/configs/pretrain.yaml", [
-        f"train.storage_path={tmp_path}", "pretrain.synth_n=400", "pretrain.synth_image_size=32", "train.epochs=2",
-        "data.batch_size=16", "train.fail_once_at_step=15", "train.max_failures=1"])
+        f"train.storage_path={tmp_path}", "pretrain.synth_n=400", "pretrain.synth_val_frac=0.1", "pretrain.synth_test_frac=0.1",
+        "pretrain.synth_image_size=32", "train.epochs=2", "data.batch_size=16", "train.fail_once_at_step=15",
+        "train.max_failures=1"])
     outcome = pretrain(cfg)
     assert (tmp_path / "pretrain-tiny" / ".fail_once_done").is_file()
     assert [h["epoch"] for h in outcome.history] == [1, 2]  # resumed from epoch 1's checkpoint, no epoch lost
@@ -131,7 +133,7 @@ def test_pretraining_on_ray_exports_a_backbone_that_sgmft_loads(ray_cluster, tmp
         assert 0.0 <= h["val_t2i_r@1"] <= 1.0 and h["val_recall@1"] == pytest.approx((h["val_t2i_r@1"] + h["val_i2t_r@1"]) / 2)
         assert h["grad_norm"] > 0
     assert outcome.backbone.name == "weights.pt" and (outcome.backbone.parent / "metrics.json").is_file()
-    assert split_rows(tmp_path / "pretrain-tiny" / "pairs-n400-seed0-px32-two0.7", "val") == 40
+    assert split_rows(tmp_path / "pretrain-tiny" / "pairs-n400-seed0-px32-two0.7-val0.1-test0.1", "val") == 40
 
     # the exported weights are what SG-MFT's backbone loads, through the released-weights path
     # (build_model is how train, tune, features cache and ablate build their models)
@@ -140,3 +142,8 @@ def test_pretraining_on_ray_exports_a_backbone_that_sgmft_loads(ray_cluster, tmp
     exported = torch.load(outcome.backbone, weights_only=True)["state_dict"]
     for name, value in model.backbone.clip.state_dict().items():
         assert torch.equal(value, exported[f"module.{name}"]), name
+
+    # the same run name with other pairs is refused before anything runs, not resumed on them
+    cfg.pretrain.synth_n = 800
+    with pytest.raises(RunConfigChanged, match=r"pretrain\.synth_n 400 -> 800"):
+        pretrain(cfg)
