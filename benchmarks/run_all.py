@@ -17,7 +17,7 @@ import traceback
 from benchmarks import report
 from benchmarks.common import RESULTS, machine
 
-BENCHMARKS = ("head_cost", "ingest", "train_throughput", "tune_cache", "serve_load", "gpu_check", "gpu_train")
+BENCHMARKS = ("head_cost", "ingest", "train_throughput", "tune_cache", "pretrain_throughput", "serve_load", "gpu_check", "gpu_train")
 
 
 def main() -> None:
