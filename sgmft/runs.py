@@ -51,7 +51,7 @@ class RunConfigChanged(ConfigError):
 def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in values.items():
-        if isinstance(value, dict) and not key.endswith("search_space"):
+        if isinstance(value, dict):
             flat.update(_flat(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value

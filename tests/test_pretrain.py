@@ -14,9 +14,9 @@ import torch.multiprocessing as mp
 from sgmft.data.pairs import COLOURS, SHAPE_NAMES, pair, synthesize_pairs
 from sgmft.data.schema import load_labels, split_files, split_rows, validate_dataset
 from sgmft.data.synth import cue_words
-from sgmft.runs import RunConfigChanged
 from sgmft.data.labels import DEFAULT_LABELS
 from sgmft.models.contrastive import ContrastiveOutput, contrastive_loss, retrieval_metrics
+from sgmft.runs import RunConfigChanged
 
 
 def test_pairs_name_what_is_pictured_and_where_and_nothing_of_the_location_task(tmp_path):
