@@ -40,6 +40,15 @@ def _died(error: BaseException) -> bool:
     return isinstance(error, (ActorDiedError, ActorUnavailableError)) or "HealthCheck" in type(error).__name__
 
 
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "remote process exited",
+             "NCCL communicator was aborted")
+"""What gloo and NCCL say when the other end of a collective is gone."""
+
+
+def _peer_lost(error: BaseException) -> bool:
+    return any(sign in str(error) for sign in PEER_LOST)
+
+
 def _short_error(error: BaseException) -> str:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return f"{type(error).__name__}: {lines[0][:120] if lines else ''}"
@@ -83,11 +92,17 @@ class RunWatch(ControllerCallback, ReportCallback, WorkerGroupCallback):
     def restart_line(self, failures: dict[int, BaseException]) -> str:
         """``worker group restarted: lost worker 1 on node 3f2a9c1d (127.0.0.1), its process or
         node died``: the workers that died, not the others that failed because they did
-        (DDP's collectives lose their peer); a worker whose code failed, with its error."""
+        (DDP's collectives lose their peer); a worker whose code failed, with its error. The
+        controller may hear a survivor's failed collective before Ray has declared the dead
+        worker's node lost (seconds to tens of seconds): that line says a peer was lost."""
         died = {rank: e for rank, e in failures.items() if _died(e)}
-        lost = [f"worker {rank} on node {self._node(rank)}, its process or node died" for rank in sorted(died)] or [
-            f"worker {rank} on node {self._node(rank)}, {_short_error(e)}" for rank, e in sorted(failures.items())]
-        return "worker group restarted: lost " + ("; ".join(lost) or "a worker")
+        if died:
+            lost = [f"worker {rank} on node {self._node(rank)}, its process or node died" for rank in sorted(died)]
+            return "worker group restarted: lost " + "; ".join(lost)
+        failed = [f"worker {rank} on node {self._node(rank)}"
+                  + (" lost a peer in a collective (a worker's process or node is gone)" if _peer_lost(e) else "")
+                  + f": {_short_error(e)}" for rank, e in sorted(failures.items())]
+        return "worker group restarted: " + ("; ".join(failed) or "a worker failed")
 
     def _node(self, rank: int) -> str:
         node_id, node_ip = self.workers.get(rank, ("?", "?"))
