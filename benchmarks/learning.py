@@ -82,8 +82,9 @@ def run_pretrain(config: Path, overrides: list[str]) -> dict:
         cfg = load_config(config, [f"train.storage_path={tmp}", *overrides])
         with Timer() as timer:
             outcome = pretrain(cfg)
-        matched = attributes_matched(outcome.backbone, cfg, pairs_dir(cfg))
-        n_train, n_val = split_rows(pairs_dir(cfg), "train"), split_rows(pairs_dir(cfg), "val")
+        pairs = pairs_dir(cfg)
+        matched = attributes_matched(outcome.backbone, cfg, pairs)
+        n_train, n_val = split_rows(pairs, "train"), split_rows(pairs, "val")
     history = [{k: h[k] for k in ("epoch", "train_loss", "val_t2i_r@1", "val_i2t_r@1", "grad_norm", "lr")} for h in outcome.history]
     last = history[-1]
     result = {
