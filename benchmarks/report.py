@@ -131,13 +131,15 @@ def _ablation(r: dict) -> str:
             f"{r['test_posts']} posts; best {best['variant']} {_pct(best['test_accuracy']['mean'])}")
 
 
+def _interval(d: dict | None, unit: str = "") -> str:
+    """An accuracy difference with its bootstrap interval, in points (– where there is none)."""
+    return f"{100 * d['diff']:+.1f}{unit} [{100 * d['ci_low']:+.1f}, {100 * d['ci_high']:+.1f}]" if d else "–"
+
+
 def _ablation_backbones(r: dict) -> str:
     full = next(row for row in r["rows"] if row["variant"] == "full")
-
-    def diff(scope: str) -> str:
-        d = full[scope]
-        return f"{100 * d['diff']:+.1f} points [{100 * d['ci_low']:+.1f}, {100 * d['ci_high']:+.1f}]"
-    return f"full on the {r['mine']} backbone vs {r['other']}: {diff('overall')} overall, {diff('cross_modal')} cross-modal"
+    return (f"full on the {r['mine']} backbone vs {r['other']}: {_interval(full['overall'], ' points')} overall, "
+            f"{_interval(full['cross_modal'], ' points')} cross-modal")
 
 
 HEADLINES: dict[str, Callable[[dict], str]] = {
@@ -217,14 +219,11 @@ def ablation_table(results: Path = RESULTS) -> str | None:
     def accuracy(s: dict) -> str:
         return " / ".join(f"{100 * s[k]['mean']:.1f} ± {100 * s[k]['std']:.1f}" for k in ("test_accuracy", "cross_modal_accuracy"))
 
-    def interval(d: dict | None) -> str:
-        return f"{100 * d['diff']:+.1f} [{100 * d['ci_low']:+.1f}, {100 * d['ci_high']:+.1f}]" if d else "–"
-
     lines = ["| variant | random-init: test / cross-modal | pretrained: test / cross-modal | "
              "pretrained, cross-modal vs full | cross-modal, pretrained vs random-init |", "|---|---|---|---|---|"]
     for variant, s in summary["pretrained"].items():
         lines.append(f"| {variant} | {accuracy(summary['random'][variant])} | {accuracy(s)} | "
-                     f"{interval((s.get('vs_full') or {}).get('cross_modal'))} | {interval(between.get(variant))} |")
+                     f"{_interval((s.get('vs_full') or {}).get('cross_modal'))} | {_interval(between.get(variant))} |")
     posts = pretrained["test_posts"], pretrained["cross_modal_posts"], len(pretrained["seeds"])
     return ("\n".join(lines) + f"\n\nAccuracy in % on {posts[0]} synthetic test posts ({posts[1]} cross-modal), mean ± "
             f"std over {posts[2]} seeds; differences in points with a paired bootstrap 95% interval.\n")
