@@ -92,17 +92,27 @@ class RunWatch(ControllerCallback, ReportCallback, WorkerGroupCallback):
     def restart_line(self, failures: dict[int, BaseException]) -> str:
         """``worker group restarted: lost worker 1 on node 3f2a9c1d (127.0.0.1), its process or
         node died``: the workers that died, not the others that failed because they did
-        (DDP's collectives lose their peer); a worker whose code failed, with its error. The
-        controller may hear a survivor's failed collective before Ray has declared the dead
-        worker's node lost (seconds to tens of seconds): that line says a peer was lost."""
-        died = {rank: e for rank, e in failures.items() if _died(e)}
+        (DDP's collectives lose their peer); a worker whose code failed, with its error.
+
+        The controller may hear the survivors' failed collectives before Ray has declared the
+        dead worker's node lost (seconds to tens of seconds): then the line says, once, which
+        workers lost a peer, and names the workers that said nothing as the likely loss."""
+        died = sorted(rank for rank, e in failures.items() if _died(e))
         if died:
-            lost = [f"worker {rank} on node {self._node(rank)}, its process or node died" for rank in sorted(died)]
+            lost = [f"worker {rank} on node {self._node(rank)}, its process or node died" for rank in died]
             return "worker group restarted: lost " + "; ".join(lost)
-        failed = [f"worker {rank} on node {self._node(rank)}"
-                  + (" lost a peer in a collective (a worker's process or node is gone)" if _peer_lost(e) else "")
-                  + f": {_short_error(e)}" for rank, e in sorted(failures.items())]
-        return "worker group restarted: " + ("; ".join(failed) or "a worker failed")
+        peer_lost = sorted(rank for rank, e in failures.items() if _peer_lost(e))
+        parts = [f"worker {rank} on node {self._node(rank)}: {_short_error(e)}"
+                 for rank, e in sorted(failures.items()) if rank not in peer_lost]
+        if peer_lost:
+            silent = sorted(set(self.workers) - set(failures))
+            if silent:
+                parts.insert(0, "likely lost " + "; ".join(f"worker {rank} on node {self._node(rank)}" for rank in silent)
+                             + ", silent while its peers' collectives failed")
+            survivors = ", ".join(f"{rank} on node {self._node(rank)}" for rank in peer_lost)
+            parts.append(f"{'workers' if len(peer_lost) > 1 else 'worker'} {survivors} lost a peer in a collective "
+                         f"(a worker's process or node is gone): {_short_error(failures[peer_lost[0]])}")
+        return "worker group restarted: " + ("; ".join(parts) or "a worker failed")
 
     def _node(self, rank: int) -> str:
         node_id, node_ip = self.workers.get(rank, ("?", "?"))

@@ -156,6 +156,7 @@ def test_training_loses_a_node_mid_epoch_and_finishes_every_epoch(cluster, datas
     time.sleep(2)  # into epoch 2, its checkpoint of epoch 1 registered
     placed = set(worker_nodes().values())
     victim = next(name for name, node in cluster.nodes.items() if node.node_id() in placed)
+    victim_node = cluster.nodes[victim].node_id()
     cluster.nodes[victim].kill()
     saved = max(int(p.name.split("-")[1]) for p in (tmp_path / "lose").glob("epoch-*"))
     cluster.add(f"{victim}2")  # the lost machine's replacement
@@ -173,8 +174,10 @@ def test_training_loses_a_node_mid_epoch_and_finishes_every_epoch(cluster, datas
     found = re.search(r"resumed from epoch (\d+)", restarts[0])
     assert found, out
     resumed = int(found.group(1))
-    # the lost worker, or (when the controller heard it first) a survivor whose collective lost it
+    # the lost worker, or (when the controller heard them first) the survivors whose collectives
+    # lost it, said once, and the silent worker; either way the lost node is named
     assert restarts[0].count("its process or node died") + restarts[0].count("lost a peer in a collective") == 1, restarts
+    assert f"on node {victim_node[:8]}" in restarts[0], (victim_node, restarts)
     assert resumed in (saved - 1, saved) and resumed < 3, restarts
     print(restarts[0])  # for -rP
 

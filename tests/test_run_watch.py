@@ -9,7 +9,7 @@ from sgmft.run_watch import RunWatch
 
 def _watch() -> RunWatch:
     watch = RunWatch("run")
-    watch.workers = {0: ("a" * 16, "10.0.0.1"), 1: ("b" * 16, "10.0.0.2")}
+    watch.workers = {0: ("a" * 16, "10.0.0.1"), 1: ("b" * 16, "10.0.0.2"), 2: ("c" * 16, "10.0.0.3")}
     return watch
 
 
@@ -19,10 +19,17 @@ def test_a_dead_worker_is_named_and_not_the_survivors_that_lost_it():
     assert line == "worker group restarted: lost worker 1 on node bbbbbbbb (10.0.0.2), its process or node died"
 
 
-def test_a_survivor_heard_first_says_a_peer_was_lost_and_a_failing_worker_its_error():
-    gloo = RuntimeError("[gloo/transport/tcp/pair.cc:561] Connection closed by peer [10.0.0.2]:15779")
-    line = _watch().restart_line({0: gloo})
-    assert line.startswith("worker group restarted: worker 0 on node aaaaaaaa (10.0.0.1) lost a peer in a collective")
-    assert "Connection closed by peer" in line and "lost worker" not in line
+def test_survivors_heard_first_say_once_that_a_peer_was_lost_and_name_the_silent_worker():
+    closed = RuntimeError("[gloo/transport/tcp/pair.cc:561] Connection closed by peer [10.0.0.2]:15779")
+    reset = RuntimeError("[gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:29592: Connection reset by peer")
+    line = _watch().restart_line({0: closed, 2: reset})
+    assert line == ("worker group restarted: likely lost worker 1 on node bbbbbbbb (10.0.0.2), silent while its "
+                    "peers' collectives failed; workers 0 on node aaaaaaaa (10.0.0.1), 2 on node cccccccc (10.0.0.3) "
+                    "lost a peer in a collective (a worker's process or node is gone): RuntimeError: "
+                    "[gloo/transport/tcp/pair.cc:561] Connection closed by peer [10.0.0.2]:15779")
+    assert line.count("lost a peer in a collective") == 1 and "died" not in line
+
+
+def test_a_failing_worker_says_its_error():
     line = _watch().restart_line({1: ValueError("bad batch")})
     assert line == "worker group restarted: worker 1 on node bbbbbbbb (10.0.0.2): ValueError: bad batch"
