@@ -281,7 +281,7 @@ def _run_grid(cfg: Config, variants: list[str], seeds: list[int]) -> tuple[Any, 
     from ray import tune as ray_tune
 
     from sgmft.runs import resolve_dataset
-    from sgmft.trials import concurrency, in_process, run_config, search_setup, trainable
+    from sgmft.trials import concurrency, fit_search, in_process, run_config, search_setup, trainable
 
     dataset_dir = resolve_dataset(cfg)  # the posts every trial is tested on
     cfg.data.path = str(dataset_dir)
@@ -292,7 +292,7 @@ def _run_grid(cfg: Config, variants: list[str], seeds: list[int]) -> tuple[Any, 
                                         reuse_actors=in_process(cfg)),
         run_config=run_config(cfg, "ablate"),
     )
-    return tuner.fit(), setup, dataset_dir
+    return fit_search(tuner, setup), setup, dataset_dir
 
 
 def ablate(cfg: Config, variants: list[str] | None = None, seeds: list[int] | None = None,

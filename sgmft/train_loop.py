@@ -75,11 +75,11 @@ def _maybe_fail(cfg: Config, rank: int, step: int, marker: Path) -> None:
         os._exit(1)
 
 
-def _save_checkpoint(model, cfg, labels, metrics, state) -> "Any":
+def _save_checkpoint(run: "WorkerRun", metrics: dict[str, Any], state: dict[str, Any], name: str) -> "Any":
     from ray.train import Checkpoint
 
-    directory = Path(tempfile.mkdtemp(prefix="sgmft-ckpt-"))
-    write_model_files(directory, model, cfg, labels, metrics)
+    directory = run.session.staging_dir(run.run_dir, name)
+    write_model_files(directory, run.model, run.cfg, run.labels, metrics)
     torch.save(state, directory / TRAIN_STATE)
     return directory, Checkpoint.from_directory(str(directory))
 
@@ -111,6 +111,11 @@ class RayTrainSession:
         import ray.train
 
         return ray.train.get_checkpoint()
+
+    def staging_dir(self, run_dir: str, name: str) -> Path:
+        """An empty folder to write checkpoint ``name`` in before reporting it, on this node's
+        disk (removed once the report returns): Ray Train copies it to the run's storage."""
+        return Path(tempfile.mkdtemp(prefix="sgmft-ckpt-"))
 
     def dataset(self, name: str):
         import ray.train
@@ -186,6 +191,7 @@ class WorkerRun:
     scheduler: Any
     loss_fn: LossFn
     steps_per_epoch: int
+    run_dir: str
     start_epoch: int = 0
     global_step: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -271,7 +277,8 @@ def setup_worker(spec: WorkerSpec, session: RayTrainSession | None = None,
         loss_fn.criterion.to(device)  # class weights sit with the logits
     run = WorkerRun(cfg=cfg, labels=spec.labels, rank=rank, world=world, device=device,
                     model=session.prepare_model(model), optimizer=optimizer, scheduler=scheduler, loss_fn=loss_fn,
-                    steps_per_epoch=steps_per_epoch, progress=Reporter(spec.run_dir) if rank == 0 else None,
+                    steps_per_epoch=steps_per_epoch, run_dir=spec.run_dir,
+                    progress=Reporter(spec.run_dir) if rank == 0 else None,
                     session=session)
     if state is not None:
         restore_state(run, state)
@@ -471,8 +478,9 @@ def report_epoch(run: WorkerRun, epoch: int, metrics: dict[str, Any], extra: dic
         return
     elapsed = time.monotonic() - started
     run.say(epoch_line(metrics, cfg.train.epochs, elapsed / (epoch + 1 - run.start_epoch) * (cfg.train.epochs - epoch - 1)))
-    directory, ckpt = _save_checkpoint(run.model, cfg, run.labels, {**metrics, **extra}, train_state(run, epoch))
-    run.session.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch-{epoch + 1:04d}")
+    name = f"epoch-{epoch + 1:04d}"
+    directory, ckpt = _save_checkpoint(run, {**metrics, **extra}, train_state(run, epoch), name)
+    run.session.report(metrics, checkpoint=ckpt, checkpoint_dir_name=name)
     shutil.rmtree(directory, ignore_errors=True)
 
 

@@ -30,7 +30,8 @@ from sgmft.commands import (add_config_args, add_verbose_arg, cluster_name, conf
                             progress_bars, ray_for_command, show_path)
 from sgmft.config import Config, ConfigError, config_to_dict
 from sgmft.runs import export_trial, run_dir
-from sgmft.trials import TrialSetup, concurrency, in_process, run_config, search_setup, trainable, trial_config
+from sgmft.trials import (TrialSetup, concurrency, fit_search, in_process, run_config, search_setup, trainable,
+                          trial_config)
 
 DISTRIBUTIONS = ("uniform", "loguniform", "choice", "randint", "grid")
 
@@ -96,7 +97,7 @@ def tune(cfg: Config, resume: bool = True) -> TuneOutcome:
         tuner = ray_tune.Tuner.restore(str(experiment_dir / "tune"), trainable=trial, resume_errored=True, param_space=param_space)
     else:
         tuner = ray_tune.Tuner(trial, param_space=param_space, tune_config=tune_config, run_config=run_config(cfg, "tune"))
-    results = tuner.fit()
+    results = fit_search(tuner, setup)
     finished = time.monotonic()
     outcome = summarize(results, cfg, setup)
     outcome.timings = {"prepare_s": prepared - started, "trials_s": finished - prepared, "export_s": time.monotonic() - finished}

@@ -2,6 +2,7 @@
 the ablation grid; and, without Ray, what a trial reserves and how it is configured."""
 
 import json
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -49,8 +50,12 @@ def test_asha_search_picks_and_exports_a_servable_best_model(ray_cluster, tmp_pa
     cfg = load_config(REPO / "jobs" / "configs" / "tune.yaml", [*base_overrides(tmp_path, "search"), f"data.path={dataset}",
                                                                 "tune.num_samples=3", "train.epochs=2",
                                                                 "tune.max_concurrent_trials=3"])
+    staged_before = set(Path(tempfile.gettempdir()).glob("sgmft-ckpt-*"))
     outcome = tune(cfg)
     assert len(outcome.table) == 3
+    # a trial's last report never returns: what it staged is cleared by the search, not left behind
+    assert not list((outcome.experiment_dir / "trials").glob("*/.staging"))
+    assert set(Path(tempfile.gettempdir()).glob("sgmft-ckpt-*")) <= staged_before
     epochs = sorted(row["epochs"] for row in outcome.table)
     assert all(1 <= e <= 2 for e in epochs) and epochs[-1] == 2  # ASHA may stop some early; the best runs on
     for name in ("trials.csv", "trials.md", "trials.png", "best_config.json"):
