@@ -25,6 +25,7 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 import ray.util.annotations  # noqa: E402,F401
 
 from ray_nodes import HeadNode  # noqa: E402
+from serve_app.fastpath import FastPath, haproxy_available  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO.parent / "shared" / "corpus"
@@ -48,7 +49,10 @@ def ray_head():
     Four logical CPUs on a 2-core machine: train workers take fractions, Ray Data and
     Serve take the rest; oversubscription only time-slices, it never deadlocks.
     """
-    head = HeadNode(num_cpus=4, env={API_KEYS_ENV: ",".join(API_KEYS)}).start()
+    # Serve's fast path, as `sgmft serve` and the cluster configs start it: HAProxy in front
+    # of the ingress replicas, with this session's own ports and directory
+    fast = FastPath.new() if haproxy_available() else None
+    head = HeadNode(num_cpus=4, env={API_KEYS_ENV: ",".join(API_KEYS), **(fast.env() if fast else {})}).start()
     yield head
     import ray
 
@@ -61,6 +65,8 @@ def ray_head():
             pass
         ray.shutdown()
     head.stop()
+    if fast is not None:
+        fast.stop_haproxy()
     shutil.rmtree(head.temp_dir, ignore_errors=True)
 
 

@@ -82,9 +82,6 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "issue 24, open: on 2 cores shared with the clients the flood sometimes collapses the service "
-    "(a full-suite run: 0.24x the peak, admitted p90 2.6 s); in other runs it held 0.46-0.64x"))
 def test_load_beyond_what_the_app_holds_is_shed_with_503(serve_port, model_dir):
     """16 clients, then 96 against an ingress that holds 16 posts: the extra posts get 503 with
     Retry-After, sooner than the admitted ones are answered; those keep the latency and the
@@ -112,14 +109,13 @@ def test_load_beyond_what_the_app_holds_is_shed_with_503(serve_port, model_dir):
               f"flood: {len(admitted)} posts, "
               f"p50 {percentile(admitted, 50):.3f} s, p90 {percentile(admitted, 90):.3f} s; {len(refused)} refused, "
               f"p50 {percentile([t for t, _ in refused], 50):.3f} s, p90 {percentile([t for t, _ in refused], 90):.3f} s")
-        # Not yet what the service should do (issue 24): on 2 cores shared with the clients a
-        # refusal waits for the ingress's event loop like a post (0.2-0.4 s at p50), and the
-        # flood carried 0.46-0.64x the peak. Letting fewer requests in, with a shorter Serve
-        # queue, did better here (0.91x, refusals 66 ms) but Serve then refused 6 clients
-        # of a 64-post ingress with its own 503s (tests/test_serve.py's autoscaling test).
-        assert percentile([took for took, _ in refused], 50) < 1.0, "refusals queue behind posts"
-        assert percentile(admitted, 90) < max(2.0, 3 * percentile(served, 90)), (percentile(admitted, 90), percentile(served, 90))
-        assert rate(flood, 6.0) >= 0.4 * rate(peak, 6.0), (rate(flood, 6.0), rate(peak, 6.0))
+        # Behind HAProxy (the session cluster's, as `sgmft serve` starts it), on 2 cores shared
+        # with the clients: refusals took 8-14 ms at p50, and the flood carried 0.88-0.90x the
+        # peak with its p90 within 1.5x the peak's. Behind Serve's Python proxy a refusal waited
+        # 0.13-0.4 s, longer than a post, and the flood carried 0.24-0.89x.
+        assert percentile([took for took, _ in refused], 50) < 0.1, "refusals queue behind posts"
+        assert percentile(admitted, 90) < max(1.0, 3 * percentile(served, 90)), (percentile(admitted, 90), percentile(served, 90))
+        assert rate(flood, 6.0) >= 0.6 * rate(peak, 6.0), (rate(flood, 6.0), rate(peak, 6.0))
     finally:
         from ray import serve
 
