@@ -61,7 +61,12 @@ def _serve_load(r: dict) -> str:
         return (f"+{r[f'overhead_p50_ms_c1{suffix}']:.1f} ms p50 at 1 client, "
                 f"{r[f'serve_c32_vs_inprocess_one_thread{suffix}']:.2f}x one-thread in-process posts/s at 32 clients, "
                 f"{r[f'cpu_c32_vs_inprocess{suffix}']:.2f}x its CPU a post, {r[f'serve_c512_vs_c32{suffix}']:.2f}x the "
-                f"32-client posts/s at 512 (p99 {r[f'serve_c512_p99_ms{suffix}'] / 1000:.1f} s)")
+                f"32-client posts/s at 512 (p99 {r[f'serve_c512_p99_ms{suffix}'] / 1000:.1f} s{refusals(suffix)})")
+
+    def refusals(suffix: str) -> str:
+        refusal = r.get(f"serve_c512_refusal_p99_ms{suffix}")
+        return f", 503s p99 {refusal / 1000:.2f} s" if refusal is not None else ""
+
     apps = [app("")] + ([f"model in the ingress: {app('_colocated')}"] if "overhead_p50_ms_c1_colocated" in r else [])
     return "; ".join(apps) + " (goal <= 10 ms, 1.5x, <= 1.5x, >= 0.9x with p99 < 2 s)"
 

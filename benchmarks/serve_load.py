@@ -73,6 +73,9 @@ class Point:
     server_cpu_ms_per_post: dict[str, float] | None = None
     """CPU time of the service's processes per answered post over the load window, by kind
     (proxy, ingress, model replica, ray), and their total; the clients' is not in it."""
+    refusal_p50_ms: float | None = None
+    refusal_p99_ms: float | None = None
+    """How long a refused post waited for its 503; None where none was refused."""
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -189,12 +192,13 @@ def texts(n: int = 64) -> tuple[list[str], str]:
 # --- clients, in processes -------------------------------------------------------------
 
 async def _closed_loop(url: str, bodies: list[bytes], concurrency: int, duration_s: float, offset: int,
-                       headers: dict[str, str]) -> tuple[list[float], Counter, list[int], float, float]:
+                       headers: dict[str, str]) -> tuple[list[float], list[float], Counter, list[int], float, float]:
     import json
 
     import aiohttp
 
     latencies: list[float] = []
+    refusals: list[float] = []
     statuses: Counter = Counter()
     batches: list[int] = []
     cpu_start = time.process_time()
@@ -217,17 +221,18 @@ async def _closed_loop(url: str, bodies: list[bytes], concurrency: int, duration
                             latencies.append(time.perf_counter() - t0)
                             batches.append(json.loads(body)["batch_size"])
                     if r.status == 503:  # shed: a well-behaved client waits as it is told
+                        refusals.append(time.perf_counter() - t0)
                         await asyncio.sleep(min(float(r.headers.get("Retry-After") or 1), deadline - time.perf_counter()))
                 except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                     statuses[type(exc).__name__] += 1
                 i += concurrency
 
         await asyncio.gather(*(one_client(k) for k in range(concurrency)))
-        return latencies, statuses, batches, time.perf_counter() - start, time.process_time() - cpu_start
+        return latencies, refusals, statuses, batches, time.perf_counter() - start, time.process_time() - cpu_start
 
 
 def client_process(url: str, bodies: list[bytes], concurrency: int, duration_s: float, offset: int,
-                   headers: dict[str, str]) -> tuple[list[float], Counter, list[int], float, float]:
+                   headers: dict[str, str]) -> tuple[list[float], list[float], Counter, list[int], float, float]:
     """Closed-loop clients on aiohttp, posting pre-encoded JSON bodies: the load generator
     shares the cores with the server, so it spends as little of them as it can (httpx took
     six times the CPU per request); its CPU time is measured and reported."""
@@ -241,10 +246,11 @@ def http_point(pool: ProcessPoolExecutor, processes: int, url: str, bodies: list
     cpu_before = service_cpu_seconds()
     futures = [pool.submit(client_process, url, bodies, share, duration_s, 1000 * k, headers or {})
                for k, share in enumerate(shares) if share]
-    latencies, statuses, batches, seconds, client_cpu = [], Counter(), [], 0.0, 0.0
+    latencies, refusals, statuses, batches, seconds, client_cpu = [], [], Counter(), [], 0.0, 0.0
     for future in futures:
-        lat, st, ba, elapsed, cpu = future.result()
+        lat, refused, st, ba, elapsed, cpu = future.result()
         latencies += lat
+        refusals += refused
         statuses.update(st)
         batches += ba
         seconds = max(seconds, elapsed)
@@ -252,6 +258,8 @@ def http_point(pool: ProcessPoolExecutor, processes: int, url: str, bodies: list
     point = make_point(mode, concurrency, seconds, latencies, statuses, batches)
     point.client_cpu_ms_per_post = 1000 * client_cpu / max(1, len(latencies))
     point.server_cpu_ms_per_post = cpu_ms_per_post(cpu_before, service_cpu_seconds(), len(latencies))
+    if refusals:
+        point.refusal_p50_ms, point.refusal_p99_ms = (percentile([x * 1000 for x in refusals], q) for q in (50, 99))
     return point
 
 
@@ -361,7 +369,7 @@ def autoscaling_check(pool, processes, url_base: str, bodies: list[bytes], app: 
     while time.monotonic() < deadline:
         peak = max(peak, running())
         time.sleep(1.0)
-    _, statuses, _, _, _ = future.result()
+    _, _, statuses, _, _, _ = future.result()
     time.sleep(idle_s)
     return {"replicas_before": before, "replicas_peak": peak, "replicas_after_idle": running(), "statuses": dict(statuses)}
 
@@ -551,6 +559,7 @@ def summarise(setup: dict[str, Any], points: list[Point], extra: dict[str, Any])
             result[f"serve_c512_posts_per_s{suffix}"] = by_c[512].posts_per_s
             result[f"serve_c512_p99_ms{suffix}"] = by_c[512].p99_ms
             result[f"serve_c512_statuses{suffix}"] = by_c[512].statuses
+            result[f"serve_c512_refusal_p99_ms{suffix}"] = by_c[512].refusal_p99_ms
             if 32 in by_c:
                 result[f"serve_c512_vs_c32{suffix}"] = by_c[512].posts_per_s / by_c[32].posts_per_s
     return result
@@ -558,10 +567,12 @@ def summarise(setup: dict[str, Any], points: list[Point], extra: dict[str, Any])
 
 def print_table(points: list[Point], result: dict[str, Any]) -> None:
     print(f"{'mode':<20}{'c':>5}{'posts/s':>10}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'batch':>7}{'503':>6}"
-          f"{'errors':>7}{'CPU-ms':>8}")
+          f"{'503 p99':>9}{'errors':>7}{'CPU-ms':>8}")
     for p in points:
+        refused = f"{p.refusal_p99_ms:>9.1f}" if p.refusal_p99_ms is not None else f"{'-':>9}"
         print(f"{p.mode:<20}{p.concurrency:>5}{p.posts_per_s:>10.1f}{p.p50_ms:>9.1f}{p.p95_ms:>9.1f}{p.p99_ms:>9.1f}"
-              f"{p.mean_batch:>7.1f}{p.statuses.get('503', 0):>6}{p.errors:>7}{(p.server_cpu_ms_per_post or {}).get('total', 0):>8.2f}")
+              f"{p.mean_batch:>7.1f}{p.statuses.get('503', 0):>6}{refused}{p.errors:>7}"
+              f"{(p.server_cpu_ms_per_post or {}).get('total', 0):>8.2f}")
     for key, value in result.items():
         if key.startswith(("overhead_p50_ms_c1", "serve_c32_vs_inprocess_one_thread", "cpu_c32_vs", "serve_c512_vs")):
             print(f"{key}: {value:.2f}")
