@@ -59,15 +59,13 @@ def save(name: str, result: dict[str, Any]) -> Path:
 @contextmanager
 def local_ray(num_cpus: int | None = None) -> Iterator[None]:
     """A local Ray for one benchmark, shut down afterwards."""
-    import ray
-
-    from sgmft.local_ray import connect
+    from sgmft.local_ray import connect, disconnect
 
     connect(num_cpus=num_cpus)
     try:
         yield
     finally:
-        ray.shutdown()
+        disconnect()
 
 
 def main(run: Callable[[bool], dict], doc: str | None) -> None:

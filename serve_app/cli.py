@@ -55,6 +55,7 @@ def serve_command(args: argparse.Namespace) -> int:
     from ray import serve
 
     from serve_app.fastpath import use_fast_path
+    from sgmft.local_ray import disconnect
 
     if os.environ.get("RAY_ADDRESS"):  # a joined cluster has its own proxy settings, Serve and other apps
         try:
@@ -68,7 +69,7 @@ def serve_command(args: argparse.Namespace) -> int:
         # Also when start-up failed (a proxy that never came up): nothing of the service stays.
         if ray.is_initialized():
             serve.shutdown()
-            ray.shutdown()
+            disconnect()
         if fast is not None:
             fast.stop_haproxy()  # Ray's shutdown leaves it running, holding the port
 

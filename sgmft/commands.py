@@ -48,6 +48,10 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return load_config(getattr(args, "config", None), getattr(args, "overrides", []))
 
 
+USER_ERRORS = (FileNotFoundError, ValueError)
+"""What a command raises for the user's own mistake (a path, a value): said in one line."""
+
+
 def run_command(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
     """Parse ``argv`` and run the command it names; its exit status. A config error, or a
     missing file or bad value of the user's, is one line on stderr and status 2."""
@@ -60,7 +64,7 @@ def run_command(parser: argparse.ArgumentParser, argv: list[str] | None = None) 
     except ConfigError as exc:
         print(f"sgmft: config error: {exc}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError) as exc:
+    except USER_ERRORS as exc:
         print(f"sgmft: error: {exc}", file=sys.stderr)
         return 2
     return int(result or 0)
@@ -99,23 +103,26 @@ def ray_for_command(args: argparse.Namespace, log_dir: Path) -> Iterator["Consol
     --verbose. Yields the user's console. A Ray this command started is shut down on the way
     out, still inside the quiet console, so its last words are logged too: print the summary
     after the block."""
-    import ray
-
     from sgmft.console import WORKERS_LOG, quiet_console
-    from sgmft.local_ray import connect
+    from sgmft.local_ray import connect, disconnect
 
     verbose = getattr(args, "verbose", False)
+    kept = None
     try:
         with quiet_console(None if verbose else log_dir) as console:
             started = connect(worker_log=None if verbose else log_dir / WORKERS_LOG)
+            broke = False
             try:
                 yield console
+            except Exception as exc:
+                broke = not isinstance(exc, USER_ERRORS)
+                raise
             finally:
                 if started:
-                    ray.shutdown()
+                    kept = disconnect(keep_files=broke)  # what broke keeps the local Ray's own logs
     except Exception as exc:
-        if not verbose and not isinstance(exc, (FileNotFoundError, ValueError)):  # those are the user's, one line
-            print(f"sgmft: Ray's logs are in {show_path(log_dir)}", file=sys.stderr)
+        if not verbose and not isinstance(exc, USER_ERRORS):  # those are the user's, one line
+            print(f"sgmft: Ray's logs are in {show_path(log_dir)}" + (f" and {kept}" if kept else ""), file=sys.stderr)
         raise
 
 

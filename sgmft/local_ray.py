@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import random
 import secrets
+import shutil
 import socket
 import tempfile
 from pathlib import Path
@@ -115,6 +116,10 @@ def quiet_data() -> None:
     ctx.print_on_execution_start = False
 
 
+_started_dir: str | None = None
+"""The temp dir of the local Ray that :func:`connect` started in this process, if any."""
+
+
 def connect(num_cpus: int | None = None, quiet: bool = True, worker_log: str | Path | None = None) -> bool:
     """Join RAY_ADDRESS's cluster, or start a local one on this machine; True if this call
     did either (False: Ray was already initialized, and nothing was changed).
@@ -137,7 +142,8 @@ def connect(num_cpus: int | None = None, quiet: bool = True, worker_log: str | P
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], logging_level="WARNING", log_to_driver=log_to_driver)
     else:
-        temp_dir = short_temp_dir()
+        global _started_dir
+        temp_dir = _started_dir = short_temp_dir()
         # Ray's processes started by ray.init inherit this environment, so they share the token
         use_token(new_token_file(temp_dir))
         # the dashboard serves the State API, which Ray Train's placement-group cleaner polls.
@@ -151,6 +157,21 @@ def connect(num_cpus: int | None = None, quiet: bool = True, worker_log: str | P
     if quiet:
         quiet_data()
     return True
+
+
+def disconnect(keep_files: bool = False) -> str | None:
+    """``ray.shutdown()``; a local Ray that :func:`connect` started leaves no files behind
+    (its sockets, token and session logs, 10-30 MB a run, in a new folder of /tmp each time),
+    unless ``keep_files``, for a run that failed: then that folder, for its logs."""
+    import ray
+
+    global _started_dir
+    ray.shutdown()
+    started, _started_dir = _started_dir, None
+    if started is None or keep_files:
+        return started
+    shutil.rmtree(started, ignore_errors=True)
+    return None
 
 
 def _autoscaler_events(lines: list[str]) -> list[str]:

@@ -25,9 +25,11 @@ def test_demo_console_shows_progress_epochs_and_summary_and_nothing_of_rays(tmp_
     sgmft = str(Path(sys.executable).with_name("sgmft"))
     cmd = [sgmft, "demo", "--set", f"train.storage_path={tmp_path}", "--set", "data.synth.n=160",
            "--set", "data.batch_size=16", "--set", "train.epochs=2"]
+    local_rays = set(Path("/tmp").glob("sgmft-ray-*"))  # where a local Ray keeps its sockets and session
     # stdout and stderr are pipes, not a terminal: no progress bars, only the lines
     done = subprocess.run(cmd, env=_user_env(), cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert set(Path("/tmp").glob("sgmft-ray-*")) <= local_rays, "the demo's local Ray left its files in /tmp"
     lines = [line for line in done.stdout.splitlines() if line.strip()]
     console = "\n".join(lines + done.stderr.splitlines())
 

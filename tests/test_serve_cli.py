@@ -96,6 +96,7 @@ def start_serve(model: Path, port: int) -> tuple[subprocess.Popen, list[str]]:
 
 def test_two_services_in_a_row_leave_no_process_or_port_behind(model_dir):
     port = free_port()
+    files = set(Path("/tmp").glob("sgmft-*"))  # a local Ray's and HAProxy's folders
     for _ in range(2):
         proc, lines = start_serve(model_dir, port)
         try:
@@ -116,3 +117,4 @@ def test_two_services_in_a_row_leave_no_process_or_port_behind(model_dir):
         assert not fast.haproxy_pids()
         for host, p in (("127.0.0.1", port), ("0.0.0.0", fast.stats_port), ("0.0.0.0", fast.metrics_port)):
             assert not listening(host, p), f"{host}:{p} is still taken"
+        assert set(Path("/tmp").glob("sgmft-*")) <= files, set(Path("/tmp").glob("sgmft-*")) - files
