@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import threading
 from typing import TYPE_CHECKING
@@ -53,6 +54,7 @@ def serve_command(args: argparse.Namespace) -> int:
 
     import ray
     from ray import serve
+    from ray.serve.exceptions import RayServeException
 
     from serve_app.fastpath import use_fast_path
     from sgmft.local_ray import disconnect
@@ -67,8 +69,12 @@ def serve_command(args: argparse.Namespace) -> int:
         return serve_until_stopped(cfg, args.name, fast)
     finally:
         # Also when start-up failed (a proxy that never came up): nothing of the service stays.
+        # The app is deleted (its replicas drain their requests), then the whole local Ray
+        # goes: serve.shutdown() would first stop Serve's controller, whose own end Ray
+        # reports on the console as a failed task at every stop.
         if ray.is_initialized():
-            serve.shutdown()
+            with contextlib.suppress(RayServeException):  # Serve never started
+                serve.delete(args.name)
             disconnect()
         if fast is not None:
             fast.stop_haproxy()  # Ray's shutdown leaves it running, holding the port

@@ -113,6 +113,7 @@ def test_two_services_in_a_row_leave_no_process_or_port_behind(model_dir):
             proc.send_signal(signal.SIGTERM)  # the service alone, as a process manager stops it
             out, _ = proc.communicate(timeout=120)
         assert proc.returncode == 0, "".join(lines) + out
+        assert "stopping" in out and not re.search(r"fail|error", out, re.IGNORECASE), out  # a clean stop says nothing amiss
         assert not (alive := left_running(processes)), alive
         assert not fast.haproxy_pids()
         for host, p in (("127.0.0.1", port), ("0.0.0.0", fast.stats_port), ("0.0.0.0", fast.metrics_port)):
