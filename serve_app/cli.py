@@ -59,23 +59,20 @@ def serve_command(args: argparse.Namespace) -> int:
     from serve_app.fastpath import use_fast_path
     from sgmft.local_ray import disconnect
 
-    if os.environ.get("RAY_ADDRESS"):  # a joined cluster has its own proxy settings, Serve and other apps
-        try:
-            return serve_until_stopped(cfg, args.name, None)
-        finally:
-            serve.delete(args.name)
-    fast = use_fast_path()
+    joined = bool(os.environ.get("RAY_ADDRESS"))  # a joined cluster has its own proxy settings, Serve and other apps
+    fast = None if joined else use_fast_path()
     try:
         return serve_until_stopped(cfg, args.name, fast)
     finally:
         # Also when start-up failed (a proxy that never came up): nothing of the service stays.
-        # The app is deleted (its replicas drain their requests), then the whole local Ray
-        # goes: serve.shutdown() would first stop Serve's controller, whose own end Ray
-        # reports on the console as a failed task at every stop.
+        # The app is deleted (its replicas drain their requests), then a local Ray goes whole:
+        # serve.shutdown() would first stop Serve's controller, whose own end Ray reports on
+        # the console as a failed task at every stop.
         if ray.is_initialized():
             with contextlib.suppress(RayServeException):  # Serve never started
                 serve.delete(args.name)
-            disconnect()
+            if not joined:
+                disconnect()
         if fast is not None:
             fast.stop_haproxy()  # Ray's shutdown leaves it running, holding the port
 
